@@ -1,0 +1,413 @@
+// Margin softmax cross-entropy (ArcFace / CosFace / SphereFace) kernels.
+//
+// Notation: N rows, C classes held by this rank, class_start the global id
+// of this rank's first class. For row i the local target column is
+// yl = label[i] - class_start; the row owns its target iff 0 <= yl < C.
+// Scaled logits: z_ij = scale * x_ij, except the owned target whose value
+// is z_t = scale * (cos(m1 * acos(clamp(x_i,yl, -1, 1)) + m2) - m3).
+//
+// Kernels (templates over the logits type T and the label type L, the
+// instantiations are listed from Python as NVRTC name expressions):
+//   mce_row_stats_warp     one warp per row, final stats; for short rows.
+//   mce_row_stats_chunk    2-D grid (chunk, row), online max/sum partials.
+//   mce_row_stats_combine  folds the chunk partials into the stats, in
+//                          chunk order (deterministic).
+//   mce_write              elementwise softmax / gradient over N x C.
+//
+// Stats layout, [N, 4] float64: shift (max of the non-target z), sumexp
+// (sum of exp(z - shift) over non-target columns), the target z_t (0 if
+// not owned), owned (1.0 or 0.0). Arithmetic is done in the accumulate
+// type: float for half, bfloat16 and float logits, double for double.
+//
+// A bad label is not an error here: the row simply does not own a target.
+// No device-side assert or trap is used. All sizes and indices are 64-bit.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+// Threads per block; a multiple of the warp size, at most 1024.
+#ifndef BLOCK_SIZE
+#define BLOCK_SIZE 256
+#endif
+
+// Columns handled by one block of mce_row_stats_chunk.
+#ifndef CHUNK_SIZE
+#define CHUNK_SIZE 4096
+#endif
+
+// Floor of sin(theta) in the derivative of the margin (finite at |x| = 1).
+#ifndef SIN_EPS
+#define SIN_EPS 1e-6
+#endif
+
+#define WARP_SIZE 32
+#define NUM_WARPS (BLOCK_SIZE / WARP_SIZE)
+#define FULL_MASK 0xffffffffu
+
+static_assert(BLOCK_SIZE % WARP_SIZE == 0, "BLOCK_SIZE: whole warps");
+static_assert(BLOCK_SIZE <= 1024, "BLOCK_SIZE: at most 1024 threads");
+static_assert(CHUNK_SIZE > 0, "CHUNK_SIZE must be positive");
+
+// ---------------------------------------------------------------------------
+// Accumulate type, conversions and math in that type.
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct AccType {
+  typedef float type;
+};
+template <>
+struct AccType<double> {
+  typedef double type;
+};
+
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+
+// Store rounds once, to nearest even.
+__device__ __forceinline__ void store(__half* p, float v) {
+  *p = __float2half_rn(v);
+}
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) {
+  *p = __float2bfloat16_rn(v);
+}
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+
+__device__ __forceinline__ float acc_exp(float v) { return expf(v); }
+__device__ __forceinline__ double acc_exp(double v) { return exp(v); }
+__device__ __forceinline__ float acc_acos(float v) { return acosf(v); }
+__device__ __forceinline__ double acc_acos(double v) { return acos(v); }
+__device__ __forceinline__ float acc_cos(float v) { return cosf(v); }
+__device__ __forceinline__ double acc_cos(double v) { return cos(v); }
+__device__ __forceinline__ float acc_sin(float v) { return sinf(v); }
+__device__ __forceinline__ double acc_sin(double v) { return sin(v); }
+__device__ __forceinline__ float acc_sqrt(float v) { return sqrtf(v); }
+__device__ __forceinline__ double acc_sqrt(double v) { return sqrt(v); }
+
+__device__ __forceinline__ float neg_inf(float) {
+  return __int_as_float(0xff800000);
+}
+__device__ __forceinline__ double neg_inf(double) {
+  return __longlong_as_double(0xfff0000000000000LL);
+}
+
+// ---------------------------------------------------------------------------
+// Margin and its derivative.
+// ---------------------------------------------------------------------------
+
+// clamp(v, -1, 1) that keeps a NaN a NaN (fminf/fmaxf would drop it).
+template <typename A>
+__device__ __forceinline__ A clamp_cos(A v) {
+  return v < A(-1) ? A(-1) : (v > A(1) ? A(1) : v);
+}
+
+// z_t = scale * (cos(m1 * acos(c) + m2) - m3), c = clamp(x, -1, 1).
+// 1. Clamp first: a cosine rounded to 1.0000001 would make acos NaN.
+// 2. Without angular margin (m1 == 1, m2 == 0) cos(acos(c)) is c; use c
+//    itself rather than round-tripping through acos and cos.
+template <typename A>
+__device__ __forceinline__ A margin_target(A x, A m1, A m2, A m3, A scale) {
+  const A c = clamp_cos(x);
+  if (m1 == A(1) && m2 == A(0)) {
+    return scale * (c - m3);
+  }
+  return scale * (acc_cos(m1 * acc_acos(c) + m2) - m3);
+}
+
+// d(cos(m1 * theta + m2)) / dx with theta = acos(c), c = clamp(x, -1, 1):
+//   m1 * sin(m1 * theta + m2) / sin(theta),
+// sin(theta) = sqrt(1 - c^2) floored at SIN_EPS so it stays finite at
+// |x| = 1. Exactly 1 without angular margin.
+template <typename A>
+__device__ __forceinline__ A margin_dtdx(A x, A m1, A m2) {
+  if (m1 == A(1) && m2 == A(0)) {
+    return A(1);
+  }
+  const A c = clamp_cos(x);
+  const A theta = acc_acos(c);
+  A one_minus = A(1) - c * c;
+  one_minus = one_minus > A(0) ? one_minus : A(0);
+  A sin_t = acc_sqrt(one_minus);
+  sin_t = sin_t > A(SIN_EPS) ? sin_t : A(SIN_EPS);
+  return m1 * acc_sin(m1 * theta + m2) / sin_t;
+}
+
+// ---------------------------------------------------------------------------
+// Online max / sum of exponentials.
+//
+// A pair (m, s) stands for s = sum_k exp(z_k - m) over the values seen so
+// far, m their maximum; the empty pair is (-inf, 0). Keeping the sum
+// relative to the running maximum means no exp() ever overflows, and one
+// pass over the data suffices.
+// ---------------------------------------------------------------------------
+
+// Add one value z to (m, s):
+//   z > m:  s' = s * exp(m - z) + 1,  m' = z   (rescale to the new max)
+//   else:   s' = s + exp(z - m)
+// z = -inf adds exp(-inf) = 0 and is skipped (-inf - -inf would be NaN);
+// a NaN z fails both tests of the first branch and poisons s, as it should.
+template <typename A>
+__device__ __forceinline__ void online_add(A z, A& m, A& s) {
+  if (z > m) {
+    s = s * acc_exp(m - z) + A(1);
+    m = z;
+  } else if (!(z == neg_inf(z))) {
+    s += acc_exp(z - m);
+  }
+}
+
+// Merge (m2, s2) into (m, s):
+//   M = max(m, m2),  s' = s * exp(m - M) + s2 * exp(m2 - M).
+// Both empty stays empty. Symmetric in its two operands (the sum of two
+// products commutes), so the shuffle tree below gives the same bits on
+// every lane.
+template <typename A>
+__device__ __forceinline__ void online_merge(A& m, A& s, A m2, A s2) {
+  const A top = m > m2 ? m : m2;
+  if (top == neg_inf(top)) {
+    return;
+  }
+  s = s * acc_exp(m - top) + s2 * acc_exp(m2 - top);
+  m = top;
+}
+
+// Butterfly over the 32 lanes of a warp: every lane ends with the merge of
+// all lanes. Full mask: every lane of the warp must call it.
+template <typename A>
+__device__ __forceinline__ void warp_merge(A& m, A& s) {
+  for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
+    const A m2 = __shfl_xor_sync(FULL_MASK, m, offset);
+    const A s2 = __shfl_xor_sync(FULL_MASK, s, offset);
+    online_merge(m, s, m2, s2);
+  }
+}
+
+// Merge over the block: warps first, then warp 0 merges the NUM_WARPS
+// warp results staged in shared memory. Thread 0 holds the result. Every
+// thread of the block must call it (it synchronises twice).
+template <typename A>
+__device__ __forceinline__ void block_merge(A& m, A& s, A* shared_m,
+                                            A* shared_s) {
+  const int lane = threadIdx.x % WARP_SIZE;
+  const int warp = threadIdx.x / WARP_SIZE;
+  warp_merge(m, s);
+  if (lane == 0) {
+    shared_m[warp] = m;
+    shared_s[warp] = s;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < NUM_WARPS ? shared_m[lane] : neg_inf(m);
+    s = lane < NUM_WARPS ? shared_s[lane] : A(0);
+    warp_merge(m, s);
+  }
+  // The staging arrays are reused for the next row of the caller.
+  __syncthreads();
+}
+
+// Write the [4] stats of one row given its non-target pair (m, s).
+// The target is not part of (m, s): its margin-adjusted value z_t is kept
+// apart, so the merge across ranks can form the loss as
+// softplus(log S_other + M - z_t) without cancelling log S against z_t.
+template <typename T, typename A>
+__device__ __forceinline__ void write_row_stats(
+    double* stats,    // [4] float64, out
+    const T* x,       // [C] T, in: the row of logits
+    long long yl,     // local target column (owned iff 0 <= yl < C)
+    long long C, A m, A s, A m1, A m2, A m3, A scale) {
+  const bool owned = yl >= 0 && yl < C;
+  A target = A(0);
+  if (owned) {
+    target = margin_target(to_acc(x[yl]), m1, m2, m3, scale);
+  }
+  stats[0] = static_cast<double>(m);
+  stats[1] = static_cast<double>(s);
+  stats[2] = static_cast<double>(target);
+  stats[3] = owned ? 1.0 : 0.0;
+}
+
+// ---------------------------------------------------------------------------
+// Kernels.
+// ---------------------------------------------------------------------------
+
+// Short rows: one warp per row, NUM_WARPS rows per block, rows in a
+// grid-stride loop. Lanes read consecutive columns (coalesced), keep their
+// own (m, s), and a butterfly merges the lanes. Launch: block BLOCK_SIZE,
+// any grid.
+template <typename T, typename L>
+__global__ void mce_row_stats_warp(
+    const T* __restrict__ logits,  // [N, C] T, in
+    const L* __restrict__ label,   // [N] L, in: global class ids
+    long long class_start,         // global id of local column 0
+    long long N, long long C,      // rows, local classes
+    double m1, double m2, double m3, double scale,
+    double* __restrict__ stats) {  // [N, 4] float64, out
+  typedef typename AccType<T>::type A;
+  const A a_m1 = A(m1), a_m2 = A(m2), a_m3 = A(m3), a_scale = A(scale);
+  const int lane = threadIdx.x % WARP_SIZE;
+  const long long first =
+      (long long)blockIdx.x * NUM_WARPS + threadIdx.x / WARP_SIZE;
+  const long long step = (long long)gridDim.x * NUM_WARPS;
+  // The row depends on the warp only, so all lanes of a warp run the same
+  // number of iterations and reach the shuffles together.
+  for (long long row = first; row < N; row += step) {
+    const T* x = logits + row * C;
+    const long long yl = (long long)label[row] - class_start;
+    A m = neg_inf(a_scale);
+    A s = A(0);
+    for (long long j = lane; j < C; j += WARP_SIZE) {
+      if (j != yl) {
+        online_add(a_scale * to_acc(x[j]), m, s);
+      }
+    }
+    warp_merge(m, s);
+    if (lane == 0) {
+      write_row_stats(stats + row * 4, x, yl, C, m, s, a_m1, a_m2, a_m3,
+                      a_scale);
+    }
+  }
+}
+
+// Long rows, first step: block (blockIdx.x, blockIdx.y) reduces columns
+// [chunk * CHUNK_SIZE, (chunk + 1) * CHUNK_SIZE) of row blockIdx.y (and of
+// every gridDim.y-th row after it) to one (m, s) pair.
+// 1. Each thread folds the columns tid, tid + BLOCK_SIZE, ... of the chunk
+//    (coalesced) with online_add, skipping the target column.
+// 2. block_merge combines the BLOCK_SIZE pairs in a fixed tree.
+// 3. Thread 0 stores the pair in partials[row, chunk, :].
+// Launch: block BLOCK_SIZE, grid (min(num_chunks, 2^31 - 1),
+// min(N, 65535)).
+template <typename T, typename L>
+__global__ void mce_row_stats_chunk(
+    const T* __restrict__ logits,  // [N, C] T, in
+    const L* __restrict__ label,   // [N] L, in: global class ids
+    long long class_start,         // global id of local column 0
+    long long N, long long C,      // rows, local classes
+    long long num_chunks,          // ceil(C / CHUNK_SIZE), at least 1
+    double scale,
+    typename AccType<T>::type* __restrict__ partials) {  // [N, num_chunks,
+                                                         // 2] A, out
+  typedef typename AccType<T>::type A;
+  __shared__ A shared_m[NUM_WARPS];
+  __shared__ A shared_s[NUM_WARPS];
+  const A a_scale = A(scale);
+  for (long long row = blockIdx.y; row < N; row += gridDim.y) {
+    const T* x = logits + row * C;
+    const long long yl = (long long)label[row] - class_start;
+    for (long long chunk = blockIdx.x; chunk < num_chunks;
+         chunk += gridDim.x) {
+      const long long begin = chunk * CHUNK_SIZE;
+      const long long end = begin + CHUNK_SIZE < C ? begin + CHUNK_SIZE : C;
+      A m = neg_inf(a_scale);
+      A s = A(0);
+      for (long long j = begin + threadIdx.x; j < end; j += BLOCK_SIZE) {
+        if (j != yl) {
+          online_add(a_scale * to_acc(x[j]), m, s);
+        }
+      }
+      block_merge(m, s, shared_m, shared_s);
+      if (threadIdx.x == 0) {
+        A* out = partials + (row * num_chunks + chunk) * 2;
+        out[0] = m;
+        out[1] = s;
+      }
+    }
+  }
+}
+
+// Long rows, second step: one thread per row folds the chunk partials in
+// chunk order 0, 1, ... (the same order on every run: deterministic) and
+// adds the target and ownership columns. Launch: block BLOCK_SIZE, any
+// grid.
+template <typename T, typename L>
+__global__ void mce_row_stats_combine(
+    const T* __restrict__ logits,  // [N, C] T, in
+    const L* __restrict__ label,   // [N] L, in: global class ids
+    long long class_start,         // global id of local column 0
+    long long N, long long C,      // rows, local classes
+    long long num_chunks,          // chunks per row in partials
+    double m1, double m2, double m3, double scale,
+    const typename AccType<T>::type* __restrict__ partials,  // [N,
+                                                  // num_chunks, 2] A, in
+    double* __restrict__ stats) {  // [N, 4] float64, out
+  typedef typename AccType<T>::type A;
+  const A a_m1 = A(m1), a_m2 = A(m2), a_m3 = A(m3), a_scale = A(scale);
+  const long long step = (long long)gridDim.x * BLOCK_SIZE;
+  for (long long row = (long long)blockIdx.x * BLOCK_SIZE + threadIdx.x;
+       row < N; row += step) {
+    const A* part = partials + row * num_chunks * 2;
+    A m = neg_inf(a_scale);
+    A s = A(0);
+    for (long long chunk = 0; chunk < num_chunks; ++chunk) {
+      online_merge(m, s, part[2 * chunk], part[2 * chunk + 1]);
+    }
+    const long long yl = (long long)label[row] - class_start;
+    write_row_stats(stats + row * 4, logits + row * C, yl, C, m, s, a_m1,
+                    a_m2, a_m3, a_scale);
+  }
+}
+
+// Softmax or gradient, elementwise over the N x C logits:
+//   out_ij   = row_a_i * exp(z_ij - row_max_i)           (j != yl)
+//   out_i,yl = row_t_i * (apply_dt ? dtdx(x_i,yl) : 1)   (owned target)
+// row_max_i >= every z_ij, so the exponent is <= 0 and cannot overflow.
+// Flat grid-stride loop over the N * C elements with 64-bit indices; the
+// (row, col) pair is advanced incrementally so only the first element of a
+// thread pays for a 64-bit division. Launch: block BLOCK_SIZE, any grid.
+template <typename T, typename L>
+__global__ void mce_write(
+    T* __restrict__ out,                 // [N, C] T, out
+    const T* __restrict__ logits,        // [N, C] T, in
+    const L* __restrict__ label,         // [N] L, in: global class ids
+    long long class_start,               // global id of local column 0
+    long long N, long long C,            // rows, local classes (C > 0)
+    const double* __restrict__ row_max,  // [N] float64, in: global shift
+    const double* __restrict__ row_a,    // [N] float64, in: non-target
+    const double* __restrict__ row_t,    // [N] float64, in: target
+    int apply_dt,                        // multiply the target by dtdx
+    double m1, double m2, double m3, double scale) {
+  typedef typename AccType<T>::type A;
+  const A a_m1 = A(m1), a_m2 = A(m2), a_scale = A(scale);
+  (void)m3;  // the derivative does not depend on the cosine margin
+  const long long total = N * C;
+  const long long stride = (long long)gridDim.x * BLOCK_SIZE;
+  long long idx = (long long)blockIdx.x * BLOCK_SIZE + threadIdx.x;
+  if (idx >= total) {
+    return;
+  }
+  long long row = idx / C;
+  long long col = idx - row * C;
+  const long long row_step = stride / C;
+  const long long col_step = stride - row_step * C;
+  long long cached_row = -1;
+  long long yl = 0;
+  A shift = A(0), a = A(0), t = A(0);
+  for (; idx < total; idx += stride) {
+    if (row != cached_row) {
+      cached_row = row;
+      yl = (long long)label[row] - class_start;
+      shift = A(row_max[row]);
+      a = A(row_a[row]);
+      t = A(row_t[row]);
+    }
+    const A x = to_acc(logits[idx]);
+    A value;
+    if (col == yl) {
+      value = apply_dt ? t * margin_dtdx(x, a_m1, a_m2) : t;
+    } else {
+      value = a * acc_exp(a_scale * x - shift);
+    }
+    store(out + idx, value);
+    col += col_step;
+    row += row_step;
+    if (col >= C) {
+      col -= C;
+      ++row;
+    }
+  }
+}
