@@ -56,6 +56,9 @@ _lock = threading.Lock()
 _modules: dict[tuple[Any, ...], Any] = {}
 _cache_dir: str | None = None
 
+#: Environment variable naming the on-disk cache of emulated modules.
+CACHE_ENV = "ARCFACE_CE_CACHE_DIR"
+
 
 def kernel_dir() -> Path:
     """Return the folder holding the CUDA sources.
@@ -156,12 +159,19 @@ def set_cache_dir(path: str | os.PathLike[str] | None) -> None:
     """Set the on-disk cache folder of emulated modules, drop loaded ones.
 
     Tests point it at a temporary folder so a stale binary cannot hide an
-    edit of the source. CuPy's own disk cache follows ``CUPY_CACHE_DIR``.
+    edit of the source. ``None`` falls back to ``$ARCFACE_CE_CACHE_DIR``,
+    then to the emulator's default. CuPy's own disk cache follows
+    ``CUPY_CACHE_DIR``.
     """
     global _cache_dir
     with _lock:
         _cache_dir = None if path is None else os.fspath(path)
         _modules.clear()
+
+
+def cache_dir() -> str | None:
+    """Return the cache folder for emulated modules (None: default)."""
+    return _cache_dir or os.environ.get(CACHE_ENV) or None
 
 
 def _build(xp: Any, emulate: bool) -> Any:
@@ -176,7 +186,7 @@ def _build(xp: Any, emulate: bool) -> Any:
             name_expressions=expressions,
             options=list(options),
             include_dirs=[],
-            cache_dir=_cache_dir,
+            cache_dir=cache_dir(),
         )
     return xp.RawModule(
         code=source, options=options, name_expressions=expressions
@@ -194,7 +204,7 @@ def get_module(xp: Any, emulate: bool) -> Any:
         Use the CPU emulation instead of ``cupy.RawModule``.
     """
     if emulate:
-        key: tuple[Any, ...] = ("emulate", _cache_dir)
+        key: tuple[Any, ...] = ("emulate", cache_dir())
     else:
         key = ("cuda", xp.cuda.Device().id)
     with _lock:

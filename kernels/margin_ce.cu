@@ -122,7 +122,8 @@ __device__ __forceinline__ A margin_target(A x, A m1, A m2, A m3, A scale) {
 // d(cos(m1 * theta + m2)) / dx with theta = acos(c), c = clamp(x, -1, 1):
 //   m1 * sin(m1 * theta + m2) / sin(theta),
 // sin(theta) = sqrt(1 - c^2) floored at SIN_EPS so it stays finite at
-// |x| = 1. Exactly 1 without angular margin.
+// |x| = 1 (the clamp already keeps acos finite). Exactly 1 without angular
+// margin, whatever x.
 template <typename A>
 __device__ __forceinline__ A margin_dtdx(A x, A m1, A m2) {
   if (m1 == A(1) && m2 == A(0)) {
@@ -130,7 +131,9 @@ __device__ __forceinline__ A margin_dtdx(A x, A m1, A m2) {
   }
   const A c = clamp_cos(x);
   const A theta = acc_acos(c);
-  A one_minus = A(1) - c * c;
+  // 1 - c^2 as (1 - c) * (1 + c): for c near +-1, 1 - c is exact
+  // (Sterbenz) where c * c would have lost the low bits to rounding.
+  A one_minus = (A(1) - c) * (A(1) + c);
   one_minus = one_minus > A(0) ? one_minus : A(0);
   A sin_t = acc_sqrt(one_minus);
   sin_t = sin_t > A(SIN_EPS) ? sin_t : A(SIN_EPS);
