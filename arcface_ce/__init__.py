@@ -1,0 +1,20 @@
+"""Margin softmax cross-entropy for face recognition at scale.
+
+ArcFace, CosFace, SphereFace and their combination, with PaddlePaddle's
+``margin_cross_entropy`` API, on NumPy (CPU) or CuPy (CUDA kernels), with
+the class dimension split over MPI ranks. See :func:`margin_cross_entropy`.
+"""
+
+from ._core import (
+    LabelError,
+    margin_cross_entropy,
+    margin_cross_entropy_and_grad,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LabelError",
+    "margin_cross_entropy",
+    "margin_cross_entropy_and_grad",
+]

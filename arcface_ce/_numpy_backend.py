@@ -1,0 +1,334 @@
+"""The NumPy backend: row statistics and the write pass on the CPU.
+
+Work is split into blocks of whole rows small enough to stay in the L2
+cache (``BLOCK_BYTES``), spread over a thread pool: NumPy releases the GIL
+inside ufuncs, so the blocks run on every core. Per block:
+
+1. ``max`` of the raw logits (the only read of the block from memory);
+2. ``buf = scale * x`` into a cache-resident buffer (or, for float32 and
+   float64 output, straight into the caller's output block);
+3. ``buf -= shift`` then ``exp`` in place, one exponential per element;
+4. the target column is zeroed and the row sums taken.
+
+When an output (softmax or gradient) of the accumulate type is wanted, the
+exponentials of step 3 stay in it, and the write pass only rescales each row
+by ``row_a * exp(shift - M)`` and sets the target: no second exponential
+and no second read of the logits. float16/bfloat16 outputs cannot hold
+unnormalised exponentials, so their write pass recomputes them from the
+logits block by block.
+
+Memory: O(N) per-row arrays plus one ``BLOCK_BYTES`` buffer per thread.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ._merge import OWNED, SHIFT, STATS_WIDTH, SUMEXP, TARGET
+
+BLOCK_BYTES = 1 << 19  # per-thread scratch, well inside a 1-2 MiB L2
+SIN_EPS = 1e-6
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_SCRATCH = threading.local()
+
+
+def num_threads() -> int:
+    """Worker threads: ``ARCFACE_CE_NUM_THREADS`` or the usable cores."""
+    env = os.environ.get("ARCFACE_CE_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(
+                num_threads(), thread_name_prefix="arcface_ce"
+            )
+    return _POOL
+
+
+def _scratch(rows: int, cols: int, dtype: Any) -> np.ndarray:
+    """A thread-local ``[rows, cols]`` buffer, reused across calls."""
+    size = rows * cols
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.dtype != dtype or buf.size < size:
+        buf = np.empty(max(size, 1), dtype=dtype)
+        _SCRATCH.buf = buf
+    return buf[:size].reshape(rows, cols)
+
+
+def _run_blocks(n: int, c: int, itemsize: int, fn: Callable) -> None:
+    """Call ``fn(r0, r1)`` on row blocks of about ``BLOCK_BYTES``."""
+    rows = max(1, BLOCK_BYTES // max(1, c * itemsize))
+    bounds = [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+    if len(bounds) <= 1 or num_threads() == 1:
+        for r0, r1 in bounds:
+            fn(r0, r1)
+        return
+    for future in [_pool().submit(fn, r0, r1) for r0, r1 in bounds]:
+        future.result()
+
+
+def accumulate_dtype(dtype: Any) -> Any:
+    """float64 for float64 logits, float32 for everything narrower."""
+    return np.float64 if dtype == np.float64 else np.float32
+
+
+def margin_target(x: Any, m1: float, m2: float, m3: float, xp: Any = np):
+    """``cos(m1 * acos(x) + m2) - m3`` with ``x`` clamped to [-1, 1].
+
+    Rounding can push a cosine to 1.0000001; the clamp keeps acos finite.
+    """
+    c = xp.clip(x, -1.0, 1.0)
+    if m1 == 1.0 and m2 == 0.0:
+        return c - m3
+    return xp.cos(m1 * xp.arccos(c) + m2) - m3
+
+
+def margin_slope(x: Any, m1: float, m2: float, xp: Any = np):
+    """``d target / dx = m1 sin(m1 theta + m2) / sin(theta)``.
+
+    Exactly 1 without an angular margin; ``sin(theta)`` is bounded below
+    by ``SIN_EPS`` so the slope stays finite at ``|x| = 1``.
+    """
+    if m1 == 1.0 and m2 == 0.0:
+        return xp.ones_like(x)
+    c = xp.clip(x, -1.0, 1.0)
+    sin_t = xp.sqrt(xp.maximum(1.0 - c * c, 0.0))
+    return m1 * xp.sin(m1 * xp.arccos(c) + m2) / xp.maximum(sin_t, SIN_EPS)
+
+
+class NumpyBackend:
+    """Row statistics and write pass for NumPy arrays (see ``_core``).
+
+    ``row_stats`` also takes ``finish``: in a single process the global
+    statistics of a row block are known as soon as its own are, so the
+    driver passes a callable ``finish(r0, r1, stats_block) -> (row_max,
+    row_a, row_t)`` and the output block is completed while it is still in
+    the cache; ``write`` then has nothing left to do.
+    """
+
+    xp = np
+
+    def row_stats(
+        self,
+        logits,
+        label,
+        class_start,
+        m1,
+        m2,
+        m3,
+        scale,
+        out,
+        finish=None,
+    ):
+        n, c = logits.shape
+        acc = accumulate_dtype(logits.dtype)
+        local = label.astype(np.int64) - class_start
+        owned = (local >= 0) & (local < c)
+        rows = np.flatnonzero(owned)
+        cols = local[rows]
+        x_t = logits[rows, cols].astype(np.float64)
+        stats = np.zeros((n, STATS_WIDTH), dtype=np.float64)
+        z_t = scale * margin_target(x_t, m1, m2, m3)
+        stats[rows, TARGET] = z_t.astype(acc)
+        stats[:, OWNED] = owned
+        fused = out is not None and out.dtype == acc
+        target_col = np.full(n, -1, dtype=np.int64)
+        target_col[rows] = cols
+        state = _State(fused, rows, cols, target_col, stats[:, SHIFT])
+        state.x_t = x_t  # kept: an in-place output overwrites the logits
+        state.inplace = out is not None and np.shares_memory(out, logits)
+        if c == 0:
+            stats[:, SHIFT] = -np.inf
+            return stats, state
+        floor = _floor(acc, fused)
+
+        def block(r0: int, r1: int) -> None:
+            x = logits[r0:r1]
+            buf = out[r0:r1] if fused else _scratch(r1 - r0, c, acc)
+            # 1. The row maximum of the raw logits; scale > 0, so scaling
+            #    it gives the maximum of the scaled ones. It includes the
+            #    raw target, which only makes the shift larger: any shift
+            #    above every term keeps exp() from overflowing.
+            shift = x.max(axis=1).astype(acc) * acc(scale)
+            shift[~np.isfinite(shift)] = 0.0
+            # 2. buf = scale * x - shift <= 0, clamped at `floor` so that
+            #    neither exp() nor the write pass produce subnormals (slow
+            #    by two orders of magnitude on x86); see _floor.
+            if x.dtype == acc:
+                np.multiply(x, acc(scale), out=buf)
+            else:
+                np.copyto(buf, x, casting="unsafe")
+                buf *= acc(scale)
+            buf -= shift[:, None]
+            np.clip(buf, floor, 0.0, out=buf)
+            # 3. One exponential per element.
+            np.exp(buf, out=buf)
+            # 4. The target is summed separately (merge step 3): zero it.
+            _zero_targets(buf, target_col[r0:r1])
+            stats[r0:r1, SHIFT] = shift
+            stats[r0:r1, SUMEXP] = _row_sums(buf)
+            if finish is not None and out is not None:
+                row_max, row_a, row_t = finish(r0, r1, stats[r0:r1])
+                self._write_block(
+                    out,
+                    logits,
+                    r0,
+                    r1,
+                    state,
+                    shift,
+                    row_max,
+                    row_a,
+                    scale,
+                )
+
+        _run_blocks(n, c, np.dtype(acc).itemsize, block)
+        state.done = finish is not None and out is not None
+        return stats, state
+
+    def _write_block(
+        self, out, logits, r0, r1, state, shift, row_max, row_a, scale
+    ):
+        """Off-target values of rows ``r0:r1``; block-local row arrays."""
+        acc = accumulate_dtype(logits.dtype)
+        ob = out[r0:r1]
+        if state.fused:
+            # ob holds exp(max(scale * x - shift, floor)); rescale rows
+            # whose factor keeps every product a normal number.
+            with np.errstate(over="ignore"):
+                factor = row_a * np.exp(shift.astype(np.float64) - row_max)
+            ok = (np.abs(factor) >= FACTOR_MIN) | (factor == 0)
+            if ok.all() or state.inplace:
+                # In place, the logits are gone: multiply even where the
+                # products may be subnormal (slower, still exact).
+                ob *= factor.astype(acc)[:, None]
+                return
+            for i in np.flatnonzero(ok):
+                ob[i] *= acc(factor[i])
+            todo = np.flatnonzero(~ok)
+        else:
+            todo = np.arange(r1 - r0)
+        if todo.size == 0:
+            return
+        # Recompute: value = sign(a) * exp(scale * x - M + log|a|) with the
+        # exponent clamped, so small results are never subnormal.
+        buf = _scratch(todo.size, logits.shape[1], acc)
+        np.copyto(buf, logits[r0:r1][todo], casting="unsafe")
+        buf *= acc(scale)
+        with np.errstate(divide="ignore"):
+            offset = np.log(np.abs(row_a[todo])) - row_max[todo]
+        buf += offset.astype(acc)[:, None]
+        np.clip(buf, _floor(acc, False), None, out=buf)
+        np.exp(buf, out=buf)
+        sign = np.sign(row_a[todo])
+        if (sign != 1).any():
+            buf *= sign.astype(acc)[:, None]
+        _zero_targets(buf, state.target_col[r0:r1][todo])
+        if todo.size == r1 - r0:
+            np.copyto(ob, buf, casting="unsafe")
+        else:
+            ob[todo] = buf
+
+    def write(
+        self,
+        out,
+        logits,
+        label,
+        class_start,
+        row_max,
+        row_a,
+        row_t,
+        apply_dt,
+        m1,
+        m2,
+        m3,
+        scale,
+        state,
+    ):
+        n, c = logits.shape
+        if c == 0 or n == 0:
+            return
+        if not state.done:
+
+            def block(r0: int, r1: int) -> None:
+                self._write_block(
+                    out,
+                    logits,
+                    r0,
+                    r1,
+                    state,
+                    state.shift[r0:r1],
+                    row_max[r0:r1],
+                    row_a[r0:r1],
+                    scale,
+                )
+
+            acc = accumulate_dtype(logits.dtype)
+            _run_blocks(n, c, np.dtype(acc).itemsize, block)
+        rows, cols = state.rows, state.cols
+        if rows.size:
+            value = row_t[rows]
+            if apply_dt:
+                value = value * margin_slope(state.x_t, m1, m2)
+            out[rows, cols] = value.astype(out.dtype)
+
+
+# Below this |factor| a fused product of a clamped exponential could be
+# subnormal: exp(FUSED_FLOOR) * FACTOR_MIN ~ 1e-37 > FLT_MIN.
+FUSED_FLOOR = -60.0
+FACTOR_MIN = 1.5e-11
+
+
+def _floor(acc: Any, fused: bool) -> float:
+    """Clamp of ``scale * x - shift`` before exp().
+
+    exp(-87) is the smallest normal float32 order of magnitude; a term
+    that small relative to the row maximum cannot change a float32 sum.
+    When the exponentials are kept for the write pass they must stay
+    large enough that multiplying by the row factor stays normal too.
+    float64 has room to spare.
+    """
+    if acc == np.float64:
+        return -700.0
+    return FUSED_FLOOR if fused else -87.0
+
+
+def _zero_targets(buf: np.ndarray, target_col: np.ndarray) -> None:
+    hit = np.flatnonzero(target_col >= 0)
+    if hit.size:
+        buf[hit, target_col[hit]] = 0.0
+
+
+def _row_sums(buf: np.ndarray) -> np.ndarray:
+    """Row sums through a matrix-vector product (twice as fast as sum())."""
+    ones = np.ones(buf.shape[1], dtype=buf.dtype)
+    return buf @ ones
+
+
+class _State:
+    """What ``row_stats`` hands to ``write``."""
+
+    def __init__(self, fused, rows, cols, target_col, shift):
+        self.fused = fused
+        self.rows = rows
+        self.cols = cols
+        self.target_col = target_col
+        self.shift = shift
+        self.done = False
+        self.x_t: np.ndarray | None = None
+        self.inplace = False
