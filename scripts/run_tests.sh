@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite: set up .venv, then run pytest in one process (every
+# test; those needing several ranks skip), then the MPI tests under
+# `mpiexec -n 2` and `mpiexec -n 3`. Each MPI run is bounded by a timeout
+# and a failure on any rank aborts the whole job (see tests/conftest.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup_env.sh
+export PYTHONUNBUFFERED=1
+# A fresh kernel cache per run: no stale binary can hide an edit.
+ARCFACE_CE_CACHE_DIR=$(mktemp -d)
+export ARCFACE_CE_CACHE_DIR
+trap 'rm -rf "$ARCFACE_CE_CACHE_DIR"' EXIT
+echo "== pytest, one process"
+.venv/bin/python -m pytest "$@"
+for n in 2 3; do
+    echo "== pytest -m mpi under mpiexec -n $n"
+    timeout -k 10 900 .venv/bin/mpiexec -n "$n" \
+        .venv/bin/python -m pytest -m mpi -p no:cacheprovider "$@"
+done
