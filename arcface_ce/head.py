@@ -43,10 +43,10 @@ gradients of the per-rank mean losses.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ._comm import resolve_group
 
@@ -99,7 +99,7 @@ def _raise_agreed(comm: Any, local: Exception | None) -> None:
 
 
 def split_classes(
-    total_classes: int, size: int, weights: Sequence[float] | None = None
+    total_classes: int, size: int, weights: npt.ArrayLike | None = None
 ) -> np.ndarray:
     """Contiguous blocks of classes for ``size`` ranks.
 
@@ -109,7 +109,7 @@ def split_classes(
         Number of classes ``C_total >= 0``.
     size : int
         Number of ranks, ``>= 1``.
-    weights : sequence of ``size`` non-negative floats, optional
+    weights : (size,) array_like of non-negative floats, optional
         Relative block sizes (not all zero). Default: equal blocks, the
         remainder going one class each to the last ranks.
 
