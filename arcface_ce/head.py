@@ -274,7 +274,10 @@ class MarginHead:
     scale : float, optional
         Logit scale ``s``.
     eps : float, optional
-        Norm regulariser, see the module notes.
+        Norm regulariser, see the module notes. The loss of an all-zero
+        feature row is finite, but its gradient is of order ``1 / eps``
+        (the normalisation is that steep at 0): clip it or keep features
+        away from 0 (a bias or a non-linearity before the head).
 
     Attributes
     ----------

@@ -21,8 +21,22 @@ MARGINS = [
     (1.0, 0.0, 0.2),
     (1.2, 0.2, 0.1),
 ]
-# Tolerance of the analytic gradient against float64 finite differences.
-GRAD_TOL = {np.float64: 1e-7, np.float32: 2e-4}
+try:
+    import ml_dtypes
+except ImportError:  # pragma: no cover - optional
+    ml_dtypes = None
+
+# Tolerance of the analytic gradient against float64 finite differences,
+# relative to the largest gradient entry.
+GRAD_TOL = {
+    "float64": 1e-7,
+    "float32": 2e-4,
+    "float16": 3e-3,
+    "bfloat16": 2e-2,
+}
+HALF_DTYPES = [np.dtype(np.float16)]
+if ml_dtypes is not None:
+    HALF_DTYPES.append(np.dtype(ml_dtypes.bfloat16))
 SCALE = 4.0
 
 
@@ -132,8 +146,8 @@ def test_gradients_match_finite_differences(margins, reduction):
     assert_close(loss, loss_of(feats, weight), 1e-12, "loss")
     fd_feats = finite_differences(lambda f: loss_of(f, weight), feats.copy())
     fd_weight = finite_differences(lambda w: loss_of(feats, w), weight.copy())
-    assert_close(g_feats, fd_feats, GRAD_TOL[np.float64], "grad_features")
-    assert_close(g_weight, fd_weight, GRAD_TOL[np.float64], "grad_weight")
+    assert_close(g_feats, fd_feats, GRAD_TOL["float64"], "grad_features")
+    assert_close(g_weight, fd_weight, GRAD_TOL["float64"], "grad_weight")
 
 
 def test_float32_gradients_and_dtypes():
@@ -153,8 +167,35 @@ def test_float32_gradients_and_dtypes():
     fd_feats = finite_differences(lambda f: loss_of(f, weight), feats.copy())
     fd_weight = finite_differences(lambda w: loss_of(feats, w), weight.copy())
     assert_close(loss, loss_of(feats, weight), 1e-6, "loss")
-    assert_close(g_feats, fd_feats, GRAD_TOL[np.float32], "grad_features")
-    assert_close(g_weight, fd_weight, GRAD_TOL[np.float32], "grad_weight")
+    assert_close(g_feats, fd_feats, GRAD_TOL["float32"], "grad_features")
+    assert_close(g_weight, fd_weight, GRAD_TOL["float32"], "grad_weight")
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=lambda d: d.name)
+def test_half_precision_inputs(dtype):
+    # Normalisation and matmuls run in float32; the logits reach the loss
+    # in the input dtype. Compared on the inputs rounded to that dtype.
+    margins = MARGINS[-1]
+    feats, weight, labels = problem(2, n=6, d=5, c=9)
+    feats = feats.astype(dtype).astype(np.float64)
+    weight = weight.astype(dtype).astype(np.float64)
+    head = MarginHead(
+        weight.astype(dtype), group=False, scale=SCALE, **_named(margins)
+    )
+    loss, g_feats, g_weight = head.forward_backward(
+        feats.astype(dtype), labels
+    )
+    assert loss.dtype == g_feats.dtype == g_weight.dtype == dtype
+
+    def loss_of(f, w):
+        return reference_loss(f, w, labels, *margins, SCALE, "mean")
+
+    fd_feats = finite_differences(lambda f: loss_of(f, weight), feats.copy())
+    fd_weight = finite_differences(lambda w: loss_of(feats, w), weight.copy())
+    tol = GRAD_TOL[dtype.name]
+    assert_close(loss, loss_of(feats, weight), tol, "loss")
+    assert_close(g_feats, fd_feats, tol, "grad_features")
+    assert_close(g_weight, fd_weight, tol, "grad_weight")
 
 
 def test_gradients_scale_invariance_of_inputs():
