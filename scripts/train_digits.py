@@ -83,7 +83,11 @@ if __package__ in (None, ""):
         0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     )
 
-from arcface_ce.head import MarginHead, allgather_rows, split_classes  # noqa: E402
+from arcface_ce.head import (  # noqa: E402
+    MarginHead,
+    allgather_rows,
+    split_classes,
+)
 
 _LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
 
