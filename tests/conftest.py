@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+ml_dtypes: Any
 try:
     import ml_dtypes
 except ImportError:  # pragma: no cover - optional
