@@ -10,11 +10,15 @@ from ._core import (
     margin_cross_entropy,
     margin_cross_entropy_and_grad,
 )
+from .head import MarginHead, allgather_rows, split_classes
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LabelError",
+    "MarginHead",
+    "allgather_rows",
+    "split_classes",
     "margin_cross_entropy",
     "margin_cross_entropy_and_grad",
 ]

@@ -41,14 +41,25 @@ _SCRATCH = threading.local()
 
 
 def num_threads() -> int:
-    """Worker threads: ``ARCFACE_CE_NUM_THREADS`` or the usable cores."""
+    """Worker threads: ``ARCFACE_CE_NUM_THREADS``, else this rank's cores.
+
+    Ranks of an MPI job on one node share its cores (and busy-poll while
+    waiting in a collective), so each takes ``cores // local_ranks``.
+    """
     env = os.environ.get("ARCFACE_CE_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    local = 1
+    for name in ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            local = int(value)
+            break
+    return max(1, cores // local)
 
 
 def _pool() -> ThreadPoolExecutor:

@@ -13,6 +13,8 @@ export ARCFACE_CE_CACHE_DIR
 trap 'rm -rf "$ARCFACE_CE_CACHE_DIR"' EXIT
 echo "== pytest, one process"
 .venv/bin/python -m pytest "$@"
+# Ranks busy-poll in collectives: one BLAS/worker thread per rank.
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 ARCFACE_CE_NUM_THREADS=1
 for n in 2 3; do
     echo "== pytest -m mpi under mpiexec -n $n"
     timeout -k 10 900 .venv/bin/mpiexec -n "$n" \
