@@ -33,7 +33,7 @@ import numpy as np
 from ._merge import OWNED, SHIFT, STATS_WIDTH, SUMEXP, TARGET
 
 BLOCK_BYTES = 1 << 19  # per-thread scratch, well inside a 1-2 MiB L2
-SIN_EPS = 1e-6
+THETA_EPS = 1e-6  # radians; see margin_slope
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -113,14 +113,16 @@ def margin_target(x: Any, m1: float, m2: float, m3: float, xp: Any = np):
 def margin_slope(x: Any, m1: float, m2: float, xp: Any = np):
     """``d target / dx = m1 sin(m1 theta + m2) / sin(theta)``.
 
-    Exactly 1 without an angular margin; ``sin(theta)`` is bounded below
-    by ``SIN_EPS`` so the slope stays finite at ``|x| = 1``.
+    Exactly 1 without an angular margin. ``theta`` is kept in
+    ``[THETA_EPS, pi - THETA_EPS]``: the slope stays finite at
+    ``|x| = 1`` and tends to the right limit where one exists (``m1**2``
+    for SphereFace, whose numerator vanishes with ``sin(theta)``).
     """
     if m1 == 1.0 and m2 == 0.0:
         return xp.ones_like(x)
-    c = xp.clip(x, -1.0, 1.0)
-    sin_t = xp.sqrt(xp.maximum(1.0 - c * c, 0.0))
-    return m1 * xp.sin(m1 * xp.arccos(c) + m2) / xp.maximum(sin_t, SIN_EPS)
+    theta = xp.arccos(xp.clip(x, -1.0, 1.0))
+    theta = xp.clip(theta, THETA_EPS, np.pi - THETA_EPS)
+    return m1 * xp.sin(m1 * theta + m2) / xp.sin(theta)
 
 
 class NumpyBackend:
