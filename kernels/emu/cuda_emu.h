@@ -379,6 +379,8 @@ __forceinline__ void __syncwarp(unsigned int mask = 0xffffffffu) {
 
 namespace arcface_emu {
 
+constexpr unsigned int kWarpSizeU = 32;
+
 __forceinline__ unsigned int lane_id() {
   return g_current->linear % kWarpSize;
 }
@@ -410,8 +412,9 @@ __forceinline__ T shuffle(unsigned int mask, WarpOp op, T var,
 }  // namespace arcface_emu
 
 // Lane arithmetic as in the PTX shfl instruction: segments of `width`
-// lanes; a source outside the caller's segment (up, down) or above it
-// (xor) yields the caller's own value.
+// lanes; the offset / lane mask / source lane is taken modulo 32; a source
+// outside the caller's segment (up, down) or above it (xor) yields the
+// caller's own value.
 template <typename T>
 __forceinline__ T __shfl_sync(unsigned int mask, T var, int src_lane,
                               int width = warpSize) {
@@ -426,7 +429,8 @@ __forceinline__ T __shfl_up_sync(unsigned int mask, T var,
                                  unsigned int delta, int width = warpSize) {
   const unsigned int w = arcface_emu::checked_width(width);
   const unsigned int lane = arcface_emu::lane_id();
-  const unsigned int src = (lane & (w - 1)) >= delta ? lane - delta : lane;
+  const unsigned int d = delta % arcface_emu::kWarpSizeU;
+  const unsigned int src = (lane & (w - 1)) >= d ? lane - d : lane;
   return arcface_emu::shuffle(mask, arcface_emu::kOpShflUp, var, src);
 }
 template <typename T>
@@ -435,10 +439,8 @@ __forceinline__ T __shfl_down_sync(unsigned int mask, T var,
                                    int width = warpSize) {
   const unsigned int w = arcface_emu::checked_width(width);
   const unsigned int lane = arcface_emu::lane_id();
-  const unsigned int src =
-      (lane & (w - 1)) + static_cast<unsigned long long>(delta) < w
-          ? lane + delta
-          : lane;
+  const unsigned int d = delta % arcface_emu::kWarpSizeU;
+  const unsigned int src = (lane & (w - 1)) + d < w ? lane + d : lane;
   return arcface_emu::shuffle(mask, arcface_emu::kOpShflDown, var, src);
 }
 template <typename T>
@@ -446,7 +448,8 @@ __forceinline__ T __shfl_xor_sync(unsigned int mask, T var, int lane_mask,
                                   int width = warpSize) {
   const unsigned int w = arcface_emu::checked_width(width);
   const unsigned int lane = arcface_emu::lane_id();
-  const unsigned int other = lane ^ static_cast<unsigned int>(lane_mask);
+  const unsigned int other =
+      lane ^ (static_cast<unsigned int>(lane_mask) % arcface_emu::kWarpSizeU);
   const unsigned int src = other > (lane | (w - 1)) ? lane : other;
   return arcface_emu::shuffle(mask, arcface_emu::kOpShflXor, var, src);
 }
