@@ -320,8 +320,8 @@ class EmulatedModule:
         self.options = tuple(options)
         defines, includes = _parse_options(self.options)
         self._defines = defines
-        self._include_dirs = [
-            str(Path(d)) for d in (*includes, *map(os.fspath, include_dirs))
+        self._include_dirs: list[str] = [
+            os.fspath(d) for d in (*includes, *include_dirs)
         ]
         self._cache_dir = _cache_dir(cache_dir)
         self._lib: ctypes.CDLL | None = None

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +266,28 @@ def test_grid_stride_64bit_indices(
     kernel(3, 64, args, order=order)  # 192 threads stride over 1000
     expected = x.astype(np.float64) * a
     assert_close(y, expected, TAIL_RTOL[ctype], 1e-30, kernel.name)
+
+
+def test_launches_from_several_threads(reduce_mod: EmulatedModule) -> None:
+    # Launches of one module from two OS threads (the GIL is released
+    # during a launch) are serialised and both give correct results.
+    kernel = reduce_mod.get_function("row_sum_warps")
+    errors: list[BaseException] = []
+
+    def work(order: str) -> None:
+        try:
+            for _ in range(5):
+                _row_sum_case(kernel, 16, 700, 128, order)
+        except BaseException as exc:  # re-raised in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(o,)) for o in ORDERS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def test_ucontext_backend(cache: Path, order: str) -> None:

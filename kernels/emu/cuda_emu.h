@@ -45,7 +45,12 @@
 //     possibly double-rounded for sums when stored back);
 //   - floating-point contraction: the host compiler does not fuse a*b+c
 //     into an FMA as nvcc does by default, so last-bit differences from a
-//     GPU are expected.
+//     GPU are expected;
+//   - deep recursion or large local arrays: a fiber has 256 KiB of stack
+//     (ARCFACE_EMU_STACK_BYTES); overflowing it hits a guard page and
+//     crashes the process;
+//   - concurrency: launches of one module from several OS threads run one
+//     at a time (a mutex), blocks never run in parallel.
 
 #ifndef ARCFACE_CE_EMU_CUDA_EMU_H
 #define ARCFACE_CE_EMU_CUDA_EMU_H
