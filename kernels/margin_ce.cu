@@ -35,10 +35,13 @@
 #define CHUNK_SIZE 4096
 #endif
 
-// Floor of sin(theta) in the derivative of the margin (finite at |x| = 1).
-#ifndef SIN_EPS
-#define SIN_EPS 1e-6
+// Distance in radians kept between theta = acos(x) and the poles 0 and pi
+// in the derivative of the margin, so that it stays finite at |x| = 1.
+#ifndef THETA_EPS
+#define THETA_EPS 1e-6
 #endif
+
+#define PI_DOUBLE 3.141592653589793
 
 #define WARP_SIZE 32
 #define NUM_WARPS (BLOCK_SIZE / WARP_SIZE)
@@ -120,24 +123,42 @@ __device__ __forceinline__ A margin_target(A x, A m1, A m2, A m3, A scale) {
 }
 
 // d(cos(m1 * theta + m2)) / dx with theta = acos(c), c = clamp(x, -1, 1):
-//   m1 * sin(m1 * theta + m2) / sin(theta),
-// sin(theta) = sqrt(1 - c^2) floored at SIN_EPS so it stays finite at
-// |x| = 1 (the clamp already keeps acos finite). Exactly 1 without angular
-// margin, whatever x.
+//   m1 * sin(m1 * theta + m2) / sin(theta).
+// 1. Exactly 1 without angular margin (m1 == 1, m2 == 0), whatever x.
+// 2. theta is kept in [THETA_EPS, pi - THETA_EPS]: at |x| = 1 sin(theta)
+//    would be 0. Clamping the angle (not sin(theta)) keeps the right limit
+//    where one exists: m1^2 for SphereFace (m2 == 0), whose numerator
+//    vanishes with sin(theta). sin(theta) is then accurate to a few ulp,
+//    where sqrt(1 - c^2) would lose digits to cancellation near |c| = 1.
 template <typename A>
 __device__ __forceinline__ A margin_dtdx(A x, A m1, A m2) {
   if (m1 == A(1) && m2 == A(0)) {
     return A(1);
   }
-  const A c = clamp_cos(x);
-  const A theta = acc_acos(c);
-  // 1 - c^2 as (1 - c) * (1 + c): for c near +-1, 1 - c is exact
-  // (Sterbenz) where c * c would have lost the low bits to rounding.
-  A one_minus = (A(1) - c) * (A(1) + c);
-  one_minus = one_minus > A(0) ? one_minus : A(0);
-  A sin_t = acc_sqrt(one_minus);
-  sin_t = sin_t > A(SIN_EPS) ? sin_t : A(SIN_EPS);
-  return m1 * acc_sin(m1 * theta + m2) / sin_t;
+  const A lo = A(THETA_EPS);
+  const A hi = A(PI_DOUBLE - THETA_EPS);
+  A theta = acc_acos(clamp_cos(x));
+  theta = theta < lo ? lo : (theta > hi ? hi : theta);
+  return m1 * acc_sin(m1 * theta + m2) / acc_sin(theta);
+}
+
+// Largest finite value of each logits type.
+__device__ __forceinline__ float max_finite(__half) { return 65504.0f; }
+__device__ __forceinline__ float max_finite(__nv_bfloat16) {
+  return 3.38953139e38f;
+}
+__device__ __forceinline__ float max_finite(float) { return 3.40282347e38f; }
+__device__ __forceinline__ double max_finite(double) {
+  return 1.7976931348623157e308;
+}
+
+// Clamp to [-max, max] of the output type, keeping a NaN a NaN: the target
+// gradient grows like 1 / sin(theta) near |x| = 1 and would overflow a
+// float16 output to infinity.
+template <typename T, typename A>
+__device__ __forceinline__ A saturate(A v) {
+  const A big = A(max_finite(T()));
+  return v < -big ? -big : (v > big ? big : v);
 }
 
 // ---------------------------------------------------------------------------
@@ -293,8 +314,8 @@ __global__ void mce_row_stats_chunk(
     long long N, long long C,      // rows, local classes
     long long num_chunks,          // ceil(C / CHUNK_SIZE), at least 1
     double scale,
-    typename AccType<T>::type* __restrict__ partials) {  // [N, num_chunks,
-                                                         // 2] A, out
+    // [N, num_chunks, 2] accumulate type, out: (m, s) per row and chunk
+    typename AccType<T>::type* __restrict__ partials) {
   typedef typename AccType<T>::type A;
   __shared__ A shared_m[NUM_WARPS];
   __shared__ A shared_s[NUM_WARPS];
@@ -335,8 +356,8 @@ __global__ void mce_row_stats_combine(
     long long N, long long C,      // rows, local classes
     long long num_chunks,          // chunks per row in partials
     double m1, double m2, double m3, double scale,
-    const typename AccType<T>::type* __restrict__ partials,  // [N,
-                                                  // num_chunks, 2] A, in
+    // [N, num_chunks, 2] accumulate type, in: (m, s) per row and chunk
+    const typename AccType<T>::type* __restrict__ partials,
     double* __restrict__ stats) {  // [N, 4] float64, out
   typedef typename AccType<T>::type A;
   const A a_m1 = A(m1), a_m2 = A(m2), a_m3 = A(m3), a_scale = A(scale);
@@ -358,6 +379,7 @@ __global__ void mce_row_stats_combine(
 // Softmax or gradient, elementwise over the N x C logits:
 //   out_ij   = row_a_i * exp(z_ij - row_max_i)           (j != yl)
 //   out_i,yl = row_t_i * (apply_dt ? dtdx(x_i,yl) : 1)   (owned target)
+// the target saturating at the largest finite value of T.
 // row_max_i >= every z_ij, so the exponent is <= 0 and cannot overflow.
 // Flat grid-stride loop over the N * C elements with 64-bit indices; the
 // (row, col) pair is advanced incrementally so only the first element of a
@@ -401,7 +423,7 @@ __global__ void mce_write(
     const A x = to_acc(logits[idx]);
     A value;
     if (col == yl) {
-      value = apply_dt ? t * margin_dtdx(x, a_m1, a_m2) : t;
+      value = apply_dt ? saturate<T>(t * margin_dtdx(x, a_m1, a_m2)) : t;
     } else {
       value = a * acc_exp(a_scale * x - shift);
     }

@@ -33,7 +33,7 @@ except Exception:  # pragma: no cover - no CuPy or no driver
 ORDER_ENV = "ARCFACE_CE_EMU_ORDER"
 ORDERS = ("forward", "reverse")
 CHUNK = _kernels.CHUNK_SIZE
-SIN_EPS = 1e-6
+THETA_EPS = 1e-6  # theta kept this far from 0 and pi in dtdx
 
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
 LABEL_DTYPES = ["int32", "int64"]
@@ -160,12 +160,16 @@ def ref_target(x: np.ndarray, m1: float, m2: float, m3: float) -> Any:
     return np.cos(m1 * np.arccos(c) + m2) - m3
 
 
-def ref_dtdx(x: np.ndarray, m1: float, m2: float) -> Any:
+def ref_theta(x: Any) -> Any:
+    theta = np.arccos(np.clip(x, -1.0, 1.0))
+    return np.clip(theta, THETA_EPS, np.pi - THETA_EPS)
+
+
+def ref_dtdx(x: Any, m1: float, m2: float) -> Any:
     if m1 == 1.0 and m2 == 0.0:
         return np.ones_like(x)
-    c = np.clip(x, -1.0, 1.0)
-    sin_t = np.maximum(np.sqrt(np.maximum(1.0 - c * c, 0.0)), SIN_EPS)
-    return m1 * np.sin(m1 * np.arccos(c) + m2) / sin_t
+    theta = ref_theta(x)
+    return m1 * np.sin(m1 * theta + m2) / np.sin(theta)
 
 
 def ref_row_stats(
@@ -210,6 +214,7 @@ def ref_write(
     m2: float,
     scale: float,
 ) -> np.ndarray:
+    big = float(np.finfo(x.dtype).max)
     x = x.astype(np.float64)
     n, c = x.shape
     out = row_a[:, None] * np.exp(scale * x - row_max[:, None])
@@ -217,7 +222,8 @@ def ref_write(
         yl = int(label[i]) - class_start
         if 0 <= yl < c:
             factor = ref_dtdx(x[i, yl], m1, m2) if apply_dt else 1.0
-            out[i, yl] = row_t[i] * factor
+            # Saturates at the largest finite value of the output dtype.
+            out[i, yl] = np.clip(row_t[i] * factor, -big, big)
     return out
 
 
@@ -290,6 +296,19 @@ def test_row_stats_chunk_path(device, order, monkeypatch, c):
     got = run_row_stats(device, x, label, 2, MARGINS[0])
     want = ref_row_stats(x, label, 2, *MARGINS[0])
     check_stats(got, want, "float32", MARGINS[0][3])
+
+
+@pytest.mark.parametrize("c", [40, 2 * CHUNK + 3])
+def test_row_stats_grid_stride(device, order, monkeypatch, c):
+    """Fewer blocks than (chunk, row) pairs: every kernel loops."""
+    monkeypatch.setattr(_gpu_backend, "MAX_BLOCKS", 1)
+    monkeypatch.setattr(_gpu_backend, "MAX_GRID_X", 2)
+    monkeypatch.setattr(_gpu_backend, "MAX_GRID_Y", 3)
+    n = 2 * _kernels.NUM_WARPS + 3 if c < CHUNK else 7
+    x, label = make_inputs(n, c, "float32", "int32", 1, seed=c)
+    got = run_row_stats(device, x, label, 1, MARGINS[3])
+    want = ref_row_stats(x, label, 1, *MARGINS[3])
+    check_stats(got, want, "float32", MARGINS[3][3])
 
 
 @pytest.mark.parametrize("force_chunks", [False, True])
@@ -375,16 +394,56 @@ def test_write(device, order, dtype, n, c, apply_dt):
     rtol = OUT_RTOL[dtype] + STATS_TOL[acc_name(dtype)][1] * float(
         arg.max(initial=0.0)
     )
-    atol = np.full(x.shape, OUT_TINY[dtype] * 4.0)
-    # At the target, sin(m1 * theta + m2) may be near 0 (no relative
-    # accuracy) and 1 / sin(theta) amplifies the rounding of the cosine.
+    atol = OUT_TINY[dtype] * 4.0
+    what = f"write {dtype} apply_dt={apply_dt}"
+    target = np.zeros(x.shape, dtype=bool)
     for i in range(n):
         yl = int(label[i]) - class_start
-        if apply_dt and 0 <= yl < c:
-            cos_t = min(abs(float(x64[i, yl])), 1.0)
-            sin_t = max(np.sqrt(1.0 - cos_t * cos_t), SIN_EPS)
-            atol[i, yl] += abs(row_t[i]) * 8.0 * acc_eps * m1 / sin_t
-    assert_close(got, want, rtol, atol, f"write {dtype} apply_dt={apply_dt}")
+        if not 0 <= yl < c:
+            continue
+        target[i, yl] = True
+        t_atol = 0.0
+        if apply_dt:
+            # Rounding of theta (relative) moves dtdx by about
+            # d(dtdx)/dtheta * eps * theta; the sines add a few ulp.
+            theta = float(ref_theta(x64[i, yl]))
+            slope = abs(float(ref_dtdx(x64[i, yl], m1, m2)))
+            cond = m1 * (m1 + slope) * theta / np.sin(theta) + slope
+            t_atol = abs(row_t[i]) * 8.0 * acc_eps * cond
+        assert_close(
+            got[i, yl], want[i, yl], rtol, atol + t_atol, f"{what} target {i}"
+        )
+    assert_close(
+        np.where(target, 0.0, got), np.where(target, 0.0, want), rtol, atol,
+        what,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_target_at_the_pole(device, dtype):
+    """|x| = 1: SphereFace tends to m1^2; ArcFace saturates float16."""
+    x = np.array([[1.0, 0.5], [0.5, -1.0]]).astype(np_dtype(dtype))
+    label = np.array([0, 1], dtype=np.int32)
+    row_t = np.array([-1.0, -1.0])
+    ones = np.ones(2)
+    got = {}
+    for name, margins in (("sphere", MARGINS[1]), ("arc", MARGINS[0])):
+        out = to_device(device, np.empty_like(x))
+        make_backend(device).write(
+            out, to_device(device, x), to_device(device, label), 0,
+            to_device(device, 64.0 * ones), to_device(device, ones),
+            to_device(device, row_t), True, *margins, None,
+        )  # fmt: skip
+        got[name] = to_host(device, out, x.dtype).astype(np.float64)
+    m1 = MARGINS[1][0]
+    # x = 1: m1 sin(m1 t) / sin(t) -> m1^2; x = -1: -> -m1 sin(m1 pi)/0,
+    # kept finite by the angle clamp.
+    assert_close(got["sphere"][0, 0], -m1 * m1, OUT_RTOL[dtype], 0.0, "m1^2")
+    assert np.isfinite(got["sphere"][1, 1]), got["sphere"]
+    big = float(np.finfo(x.dtype).max)
+    arc = -np.sin(THETA_EPS + 0.5) / np.sin(THETA_EPS)  # about -4.8e5
+    want = max(arc, -big)
+    assert_close(got["arc"][0, 0], want, OUT_RTOL[dtype], 0.0, "arc pole")
 
 
 def test_write_large_grid_stride(device, monkeypatch):
