@@ -30,6 +30,7 @@ What it does, in order:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,8 +77,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "gpu_dtypes": ["float32", "float16"],
     },
     "quick": {
-        "N": [256],
-        "C": [2_000, 20_000],
+        "N": [512],
+        "C": [10_000, 100_000],
         "dtypes": ["float32"],
         "warmup": 1,
         "min_repeats": 3,
@@ -285,7 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     say(FLOOR_DEFINITION)
 
     rows: list[Row] = []
-    extra: dict[str, Any] = {"run": tag, "argv": sys.argv[1:]}
+    extra: dict[str, Any] = {
+        "run": tag,
+        "argv": sys.argv[1:],
+        "load_average_at_start": (
+            os.getloadavg() if hasattr(os, "getloadavg") else None
+        ),
+    }
     torch: ModuleType | None = None
     if ranks > 1:
         from bench_lib.mpi import run_mpi

@@ -17,14 +17,14 @@ skipped with a note.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from types import ModuleType
 from typing import Any
 
-from .grid import Grid, gate
+from .grid import Grid, gate, phases_of
 from .impls import Impl, PackageImpl, TorchImpl
-from .reference import Margins, dtype_from_name
+from .reference import dtype_from_name
 from .report import Row, make_row
 from .timing import Stats, time_calls
 
@@ -74,7 +74,6 @@ def run_gpu(
         cupy.cuda.Device().synchronize()
 
     rows: list[Row] = []
-    m = grid.margins
     for dtype_name in grid.dtypes:
         dtype = dtype_from_name(dtype_name)
         ok = gate(impls, dtype_name, say)
@@ -114,30 +113,70 @@ def run_gpu(
                 rows.append(row)
                 say(_line(row))
                 for impl in ok:
-                    impl.setup(x, label)
-                    for phase, fn in _phases(impl):
-                        times = time_calls(partial(fn, m), grid.plan, sync)
-                        dev_bytes = _device_peak(
-                            cupy, torch, impl, partial(fn, m), sync
-                        )
-                        row = make_row(
-                            "gpu",
-                            impl.name,
-                            phase,
+                    try:
+                        rows += _time_impl(
+                            grid,
+                            cupy,
+                            torch,
+                            impl,
+                            x,
+                            label,
+                            sync,
                             dtype_name,
                             n,
                             c,
                             dtype.itemsize,
-                            Stats.of(times),
-                            device_bytes=dev_bytes,
+                            say,
                         )
-                        rows.append(row)
-                        say(_line(row))
-                    impl.release()
+                    except Exception as exc:  # e.g. out of memory
+                        say(
+                            f"  gpu {impl.name} {dtype_name} N={n} C={c}: "
+                            f"failed ({type(exc).__name__}: {exc}), skipped"
+                        )
+                    finally:
+                        impl.release()
                 del x, label
                 cupy.get_default_memory_pool().free_all_blocks()
                 if torch is not None and torch.cuda.is_available():
                     torch.cuda.empty_cache()
+    return rows
+
+
+def _time_impl(
+    grid: Grid,
+    cupy: Any,
+    torch: ModuleType | None,
+    impl: Impl,
+    x: Any,
+    label: Any,
+    sync: Callable[[], None],
+    dtype_name: str,
+    n: int,
+    c: int,
+    itemsize: int,
+    say: Callable[[str], None],
+) -> list[Row]:
+    """Both phases of one implementation on one device input."""
+    rows = []
+    impl.setup(x, label)
+    for phase, fn in phases_of(impl):
+        times = time_calls(partial(fn, grid.margins), grid.plan, sync)
+        dev_bytes = _device_peak(
+            cupy, torch, impl, partial(fn, grid.margins), sync
+        )
+        row = make_row(
+            "gpu",
+            impl.name,
+            phase,
+            dtype_name,
+            n,
+            c,
+            itemsize,
+            Stats.of(times),
+            device_bytes=dev_bytes,
+        )
+        rows.append(row)
+        say(_line(row))
     return rows
 
 
@@ -169,15 +208,6 @@ def _device_input(
     if x.dtype != dtype:
         x = x.astype(dtype)
     return x, label
-
-
-def _phases(impl: Impl) -> Sequence[tuple[str, Callable[[Margins], Any]]]:
-    out: list[tuple[str, Callable[[Margins], Any]]] = []
-    if impl.has_forward:
-        out.append(("fwd", impl.forward))
-    if impl.has_forward_grad:
-        out.append(("fwd+grad", impl.forward_grad))
-    return out
 
 
 def _device_peak(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -115,27 +116,29 @@ def run_cpu(
             for c in grid.Cs:
                 x, label = make_timing_input(n, c, dtype, grid.seed, grid.data)
                 for impl in ok:
-                    impl.setup(x, label)
-                    phases = []
-                    if impl.has_forward:
-                        phases.append(("fwd", impl.forward))
-                    if impl.has_forward_grad:
-                        phases.append(("fwd+grad", impl.forward_grad))
-                    for phase, fn in phases:
-                        row = _measure(
-                            grid,
-                            impl,
-                            phase,
-                            fn,
-                            m,
-                            dtype_name,
-                            n,
-                            c,
-                            dtype.itemsize,
+                    try:
+                        impl.setup(x, label)
+                        for phase, fn in phases_of(impl):
+                            row = _measure(
+                                grid,
+                                impl,
+                                phase,
+                                fn,
+                                m,
+                                dtype_name,
+                                n,
+                                c,
+                                dtype.itemsize,
+                            )
+                            rows.append(row)
+                            say(_progress(row))
+                    except Exception as exc:  # e.g. MemoryError
+                        say(
+                            f"  cpu {impl.name} {dtype_name} N={n} C={c}: "
+                            f"failed ({type(exc).__name__}: {exc}), skipped"
                         )
-                        rows.append(row)
-                        say(_progress(row))
-                    impl.release()
+                    finally:
+                        impl.release()
                 floor.setup(x)
                 t_max = Stats.of(time_calls(floor.max_pass, grid.plan))
                 t_exp = Stats.of(time_calls(floor.exp_pass, grid.plan))
@@ -161,6 +164,16 @@ def run_cpu(
                     say(_progress(row))
                 del x, label
     return rows
+
+
+def phases_of(impl: Impl) -> list[tuple[str, Callable[[Margins], Any]]]:
+    """The phases an implementation offers, with their methods."""
+    out: list[tuple[str, Callable[[Margins], Any]]] = []
+    if impl.has_forward:
+        out.append(("fwd", impl.forward))
+    if impl.has_forward_grad:
+        out.append(("fwd+grad", impl.forward_grad))
+    return out
 
 
 def _measure(

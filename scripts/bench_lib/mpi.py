@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .grid import Grid, make_timing_input
+from .grid import Grid, make_timing_input, phases_of
 from .impls import FloorPasses, Impl, target_derivative, work_dtype
 from .reference import (
     CHECK_MARGINS,
@@ -336,7 +336,7 @@ def run_mpi(
                 )
                 for impl in ok_impls:
                     impl.setup(x, label)
-                    for phase, fn in _phases(impl):
+                    for phase, fn in phases_of(impl):
                         counting.count = 0
                         fn(m)  # first call on this input
                         first = world.allreduce(counting.count, op=MPI.MAX)
@@ -400,15 +400,6 @@ def run_mpi(
                         rows.append(row)
                         root_say(_line(row))
     return rows
-
-
-def _phases(impl: Impl) -> list[tuple[str, Callable[[Margins], Any]]]:
-    out: list[tuple[str, Callable[[Margins], Any]]] = []
-    if impl.has_forward:
-        out.append(("fwd", impl.forward))
-    if impl.has_forward_grad:
-        out.append(("fwd+grad", impl.forward_grad))
-    return out
 
 
 def _stats_of_row(r: Row | None) -> Stats:

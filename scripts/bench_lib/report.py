@@ -203,7 +203,7 @@ def environment(repo: Path, extra: dict[str, Any]) -> dict[str, Any]:
                 "CUDA_VISIBLE_DEVICES",
             )
         },
-        "load_average_1_5_15": (
+        "load_average_at_end": (
             os.getloadavg() if hasattr(os, "getloadavg") else None
         ),
         "bytes_model": BYTES_MODEL,
