@@ -169,7 +169,7 @@ def exchange(
     c_local: int,
     checksum: int,
     local_error: Exception | None,
-    compute: Callable[[int], Any],
+    compute: Callable[[int, int], Any],
     xp: Any,
 ) -> tuple[Any, int, int]:
     """Gather every rank's row statistics in one collective.

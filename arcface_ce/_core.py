@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _comm
 from ._comm import LabelError
-from ._merge import merge_row_stats, write_factors
+from ._merge import MergedStats, merge_row_stats, write_factors
 from ._numpy_backend import NumpyBackend
 
 _REDUCTIONS = ("mean", "sum", "none", None)
@@ -182,47 +182,26 @@ def _forward(
     group: Any,
     out: Any,
     grad_rows: Any = None,
-) -> tuple[Any, Any, Any]:
+) -> tuple[_Call, MergedStats, Any, int]:
     """Steps 1-2: statistics, one collective, merge.
 
-    Returns ``(merged, backend_state, class_start)``.
+    Returns ``(call, merged, backend_state, class_start)``; raises on every
+    rank if any rank found an error.
     """
     comm = _comm.resolve_group(group)
     if comm is None:
-        if error is not None:
-            raise error
-        backend = _backend(call.xp)
-        kwargs = {}
-        if backend is _NUMPY_BACKEND and out is not None:
-            # Single process: each row block is final once its own
-            # statistics exist, so the backend finishes it in cache.
-            def finish(r0: int, r1: int, block_stats: Any) -> Any:
-                merged = merge_row_stats(block_stats[None], np)
-                g = None if grad_rows is None else grad_rows[r0:r1]
-                row_a, row_t = write_factors(merged, call.scale, g, np)
-                return merged.shift, row_a, row_t
-
-            kwargs["finish"] = finish
-        stats, state = backend.row_stats(
-            call.logits,
-            call.label,
-            0,
-            call.m1,
-            call.m2,
-            call.m3,
-            call.scale,
-            out,
-            **kwargs,
-        )
-        gathered, start, total = stats[None], 0, call.c
-        sxp = call.xp
+        if call is None:
+            raise error if error is not None else RuntimeError("no call")
+        stats, state = _local_stats(call, out, grad_rows)
+        gathered, start, total, sxp = stats[None], 0, call.c, call.xp
     else:
         states: dict[int, Any] = {}
-        backend = None if call is None else _backend(call.xp)
 
         def compute(class_start: int, total: int) -> Any:
+            if call is None:  # pragma: no cover - error is set instead
+                raise RuntimeError("no call")
             _check_label_range(call, total)
-            stats, states[class_start] = backend.row_stats(
+            stats, states[class_start] = _backend(call.xp).row_stats(
                 call.logits,
                 call.label,
                 class_start,
@@ -234,22 +213,61 @@ def _forward(
             )
             return stats
 
-        xp = np if call is None else call.xp
-        n = 0 if call is None else call.n
-        c = 0 if call is None else call.c
-        checksum = 0 if call is None else _comm.label_checksum(call.label, xp)
+        if call is None:
+            shape, checksum, xp = (0, 0), 0, np
+        else:
+            shape, xp = (call.n, call.c), call.xp
+            checksum = _comm.label_checksum(call.label, xp)
         gathered, start, total = _comm.exchange(
-            comm, n, c, checksum, error, compute, xp
+            comm, *shape, checksum, error, compute, xp
         )
+        if call is None:  # pragma: no cover - exchange raised
+            raise RuntimeError("exchange returned after a local error")
         state = states[start]
         sxp = _array_module(gathered)
     merged = merge_row_stats(gathered, sxp)
-    _check_owners(call, merged, start, total, sxp)
+    _check_owners(call, merged, total, sxp)
     if sxp is not call.xp:
-        merged = type(merged)(
+        merged = MergedStats(
             *(call.xp.asarray(v) for v in vars(merged).values())
         )
-    return merged, state, start
+    return call, merged, state, start
+
+
+def _local_stats(call: _Call, out: Any, grad_rows: Any) -> tuple[Any, Any]:
+    """Row statistics of a single process (no communicator)."""
+    backend = _backend(call.xp)
+    if backend is not _NUMPY_BACKEND or out is None:
+        return backend.row_stats(
+            call.logits,
+            call.label,
+            0,
+            call.m1,
+            call.m2,
+            call.m3,
+            call.scale,
+            out,
+        )
+
+    # Single process: each row block is final once its own statistics
+    # exist, so the NumPy backend finishes it while it is in cache.
+    def finish(r0: int, r1: int, block_stats: Any) -> Any:
+        merged = merge_row_stats(block_stats[None], np)
+        g = None if grad_rows is None else grad_rows[r0:r1]
+        row_a, row_t = write_factors(merged, call.scale, g, np)
+        return merged.shift, row_a, row_t
+
+    return backend.row_stats(
+        call.logits,
+        call.label,
+        0,
+        call.m1,
+        call.m2,
+        call.m3,
+        call.scale,
+        out,
+        finish=finish,
+    )
 
 
 def _check_label_range(call: _Call, total: int) -> None:
@@ -266,9 +284,7 @@ def _check_label_range(call: _Call, total: int) -> None:
         )
 
 
-def _check_owners(
-    call: _Call, merged: Any, start: int, total: int, xp: Any
-) -> None:
+def _check_owners(call: _Call, merged: Any, total: int, xp: Any) -> None:
     """Raise LabelError where no rank owns a row's target (all ranks)."""
     bad = merged.owners != 1
     if not bool(bad.any()):
@@ -382,9 +398,9 @@ def margin_cross_entropy(
     out = None
     if call is not None and return_softmax:
         out = call.xp.empty_like(call.logits)
-    merged, state, start = _forward(call, error, group, out)
+    call, merged, state, start = _forward(call, error, group, out)
     loss = _reduce(call, merged.loss)
-    if not return_softmax:
+    if out is None:
         return loss
     if call.n:
         row_a, row_t = write_factors(merged, call.scale, None, call.xp)
@@ -471,7 +487,7 @@ def margin_cross_entropy_and_grad(
             if _comm.resolve_group(group) is None:
                 raise
             call, error = None, exc
-    merged, state, start = _forward(call, error, group, out, grad_rows)
+    call, merged, state, start = _forward(call, error, group, out, grad_rows)
     loss = _reduce(call, merged.loss)
     if call.n:
         row_a, row_t = write_factors(merged, call.scale, grad_rows, call.xp)
