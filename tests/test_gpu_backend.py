@@ -467,6 +467,45 @@ def test_write_large_grid_stride(device, monkeypatch):
     assert_close(got, want, 1e-12, 1e-300, "write float64 grid-stride")
 
 
+@pytest.mark.slow
+def test_indices_past_2_31_on_gpu(kernel_cache):
+    """N * C > 2**31 on a real GPU (6 GiB of float16), checked in closed
+    form: zeros everywhere except one 0.5 per row at a known column."""
+    if not HAVE_GPU:
+        pytest.skip("no CUDA device with CuPy")
+    n, c, scale = 3, 2**30 + 7, 16.0
+    hot = np.array([5, c // 2, c - 3])  # row 2 starts past 2**31
+    label = np.array([c - 1, 0, c - 3], dtype=np.int64)  # row 2: hot
+    x = cupy.zeros((n, c), dtype=np.float16)
+    x[cupy.arange(n), cupy.asarray(hot)] = 0.5
+    backend = make_backend("cupy")
+    lab = cupy.asarray(label)
+    stats = cupy.asnumpy(
+        backend.row_stats(x, lab, 0, 1.0, 0.0, 0.0, scale, None)[0]
+    )
+    # Rows 0, 1: target x = 0, non-target max 0.5 and C - 2 zeros.
+    # Row 2: the hot column is the target; every non-target is 0.
+    far = np.exp(-0.5 * scale)
+    want = np.array(
+        [
+            [0.5 * scale, 1.0 + (c - 2) * far, 0.0, 1.0],
+            [0.5 * scale, 1.0 + (c - 2) * far, 0.0, 1.0],
+            [0.0, c - 1.0, 0.5 * scale, 1.0],
+        ]
+    )
+    assert_close(stats, want, 1e-3, 1e-6, "stats past 2**31")
+    out = cupy.empty_like(x)
+    ones = cupy.ones(n)
+    backend.write(
+        out, x, lab, 0, cupy.full(n, 0.5 * scale), ones, -ones, False,
+        1.0, 0.0, 0.0, scale, None,
+    )  # fmt: skip
+    got = cupy.asnumpy(out[:, [0, c - 4, c - 3, c - 1]]).astype(np.float64)
+    want_out = np.full((n, 4), far)
+    want_out[0, 3] = want_out[1, 0] = want_out[2, 2] = -1.0  # targets
+    assert_close(got, want_out, 2e-3, 1e-7, "write past 2**31")
+
+
 def test_backend_rejects_mismatched_module():
     with pytest.raises(ValueError, match="emulate=True needs numpy"):
         _gpu_backend.GpuBackend(np, emulate=False)
