@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_env.sh
 export PYTHONUNBUFFERED=1
+# The CUDA kernels must be compiled (NVRTC) and run (CPU emulation) here:
+# a skip for a missing compiler or NVRTC is a failure.
+export ARCFACE_CE_REQUIRE_KERNELS=1
 # A fresh kernel cache per run: no stale binary can hide an edit.
 ARCFACE_CE_CACHE_DIR=$(mktemp -d)
 export ARCFACE_CE_CACHE_DIR
