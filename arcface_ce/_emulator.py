@@ -243,7 +243,13 @@ def _hash_folder(h: Any, folder: Path) -> None:
                 h.update(path.read_bytes())
 
 
-def _compile(source: str, flags: list[str], cxx: str, target: Path) -> None:
+def _compile(
+    source: str,
+    flags: list[str],
+    cxx: str,
+    target: Path,
+    what: str = "emulated CUDA module",
+) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(
         prefix=".build-", dir=target.parent
@@ -255,7 +261,7 @@ def _compile(source: str, flags: list[str], cxx: str, target: Path) -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(
-                "emulated CUDA module failed to compile:\n"
+                f"{what} failed to compile:\n"
                 + " ".join(shlex.quote(c) for c in cmd)
                 + "\n"
                 + proc.stdout

@@ -80,8 +80,8 @@ def merge_row_stats(stats: Any, xp: Any = np) -> MergedStats:
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         big = xp.maximum(shift.max(axis=0), target)
         # A rank without non-target columns reports (-inf, 0): its term is
-        # 0, not 0 * exp(-inf + inf).
-        terms = xp.where(sumexp > 0, sumexp * xp.exp(shift - big), 0.0)
+        # 0, not 0 * exp(-inf + inf). A NaN sum (NaN logits) stays NaN.
+        terms = xp.where(sumexp == 0, 0.0, sumexp * xp.exp(shift - big))
         other = terms.sum(axis=0)
         denom = other + xp.exp(target - big)
         loss = _softplus(xp, xp.log(other) + big - target)

@@ -30,9 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from . import _cpu_kernels
 from ._merge import OWNED, SHIFT, STATS_WIDTH, SUMEXP, TARGET
 
 BLOCK_BYTES = 1 << 19  # per-thread scratch, well inside a 1-2 MiB L2
+# Row blocks of the compiled kernels: they need no scratch, and a block's
+# Python bookkeeping (about 50 us) must stay small next to its work.
+KERNEL_BLOCK_BYTES = 1 << 22
 THETA_EPS = 1e-6  # radians; see margin_slope
 
 _POOL: ThreadPoolExecutor | None = None
@@ -82,9 +86,11 @@ def _scratch(rows: int, cols: int, dtype: Any) -> np.ndarray:
     return buf[:size].reshape(rows, cols)
 
 
-def _run_blocks(n: int, c: int, itemsize: int, fn: Callable) -> None:
-    """Call ``fn(r0, r1)`` on row blocks of about ``BLOCK_BYTES``."""
-    rows = max(1, BLOCK_BYTES // max(1, c * itemsize))
+def _run_blocks(
+    n: int, c: int, itemsize: int, fn: Callable, size: int = BLOCK_BYTES
+) -> None:
+    """Call ``fn(r0, r1)`` on row blocks of about ``size`` bytes."""
+    rows = max(1, size // max(1, c * itemsize))
     bounds = [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
     if len(bounds) <= 1 or num_threads() == 1:
         for r0, r1 in bounds:
@@ -170,6 +176,50 @@ class NumpyBackend:
             stats[:, SHIFT] = -np.inf
             return stats, state
         floor = _floor(acc, fused)
+        kernel = _kernel_for(logits, out if fused else None)
+        state.kernel = kernel
+        if kernel is not None:
+            fn = getattr(kernel, f"mce_cpu_stats_{_cpu_kernels.suffix(acc)}")
+            x_ptr, ldx = _rows_pointer(logits)
+            ex_ptr, ldex = _rows_pointer(out) if fused else (0, 0)
+            shift_all = np.empty(n)
+            sum_all = np.empty(n)
+            cols_ptr = target_col.ctypes.data
+            isz = logits.itemsize
+
+            def kblock(r0: int, r1: int) -> None:
+                fn(
+                    x_ptr + r0 * ldx * isz,
+                    ldx,
+                    r1 - r0,
+                    c,
+                    cols_ptr + 8 * r0,
+                    scale,
+                    floor,
+                    shift_all.ctypes.data + 8 * r0,
+                    sum_all.ctypes.data + 8 * r0,
+                    ex_ptr + r0 * ldex * isz if fused else None,
+                    ldex,
+                )
+                stats[r0:r1, SHIFT] = shift_all[r0:r1]
+                stats[r0:r1, SUMEXP] = sum_all[r0:r1]
+                if finish is not None and out is not None:
+                    row_max, row_a, _ = finish(r0, r1, stats[r0:r1])
+                    self._write_block(
+                        out,
+                        logits,
+                        r0,
+                        r1,
+                        state,
+                        shift_all[r0:r1],
+                        row_max,
+                        row_a,
+                        scale,
+                    )
+
+            _run_blocks(n, c, isz, kblock, KERNEL_BLOCK_BYTES)
+            state.done = finish is not None and out is not None
+            return stats, state
 
         def block(r0: int, r1: int) -> None:
             x = logits[r0:r1]
@@ -229,7 +279,10 @@ class NumpyBackend:
             if ok.all() or state.inplace:
                 # In place, the logits are gone: multiply even where the
                 # products may be subnormal (slower, still exact).
-                ob *= factor.astype(acc)[:, None]
+                if state.kernel is not None:
+                    _kernel_scale(state.kernel, ob, factor)
+                else:
+                    ob *= factor.astype(acc)[:, None]
                 return
             for i in np.flatnonzero(ok):
                 ob[i] *= acc(factor[i])
@@ -292,7 +345,8 @@ class NumpyBackend:
                 )
 
             acc = accumulate_dtype(logits.dtype)
-            _run_blocks(n, c, np.dtype(acc).itemsize, block)
+            size = BLOCK_BYTES if state.kernel is None else KERNEL_BLOCK_BYTES
+            _run_blocks(n, c, np.dtype(acc).itemsize, block, size)
         rows, cols = state.rows, state.cols
         if rows.size:
             value = row_t[rows]
@@ -324,6 +378,38 @@ def _floor(acc: Any, fused: bool) -> float:
     return FUSED_FLOOR if fused else -87.0
 
 
+def _kernel_for(logits: np.ndarray, ex: np.ndarray | None) -> Any:
+    """The compiled kernels if they can take these arrays, else None."""
+    if _cpu_kernels.suffix(logits.dtype) is None:
+        return None
+    if not _cpu_kernels.rows_ok(logits):
+        return None
+    if ex is not None:
+        if not _cpu_kernels.rows_ok(ex):
+            return None
+        # Element-wise in place is safe; any other overlap is not.
+        same = (
+            ex.ctypes.data == logits.ctypes.data
+            and ex.strides == logits.strides
+        )
+        if not same and np.shares_memory(ex, logits):
+            return None
+    return _cpu_kernels.library()
+
+
+def _rows_pointer(a: np.ndarray) -> tuple[int, int]:
+    """Address of ``a[0, 0]`` and the row stride in elements."""
+    return a.ctypes.data, a.strides[0] // a.itemsize
+
+
+def _kernel_scale(kernel: Any, ob: np.ndarray, factor: np.ndarray) -> None:
+    """``ob *= factor[:, None]`` through the compiled kernel."""
+    fn = getattr(kernel, f"mce_cpu_scale_{_cpu_kernels.suffix(ob.dtype)}")
+    factor = np.ascontiguousarray(factor, dtype=np.float64)
+    ptr, ld = _rows_pointer(ob)
+    fn(ptr, ld, ob.shape[0], ob.shape[1], factor.ctypes.data)
+
+
 def _zero_targets(buf: np.ndarray, target_col: np.ndarray) -> None:
     hit = np.flatnonzero(target_col >= 0)
     if hit.size:
@@ -348,3 +434,4 @@ class _State:
         self.done = False
         self.x_t: np.ndarray | None = None
         self.inplace = False
+        self.kernel: Any = None

@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - optional
 
 CACHE_ENV = "ARCFACE_CE_CACHE_DIR"
 EMULATE_ENV = "ARCFACE_CE_EMULATE"
+CPU_KERNELS_ENV = "ARCFACE_CE_CPU_KERNELS"
 
 _SIZE_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
 _RANK_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
@@ -177,18 +178,32 @@ def backend_params(*cases: Any) -> list[Any]:
 def _plain_numpy_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test starts on the NumPy backend unless it asks otherwise."""
     monkeypatch.delenv(EMULATE_ENV, raising=False)
+    monkeypatch.delenv(CPU_KERNELS_ENV, raising=False)
 
 
 @pytest.fixture(
-    params=["numpy", pytest.param("emulated", marks=pytest.mark.emulated)]
+    params=[
+        "numpy",
+        "numpy-pure",
+        pytest.param("emulated", marks=pytest.mark.emulated),
+    ]
 )
 def backend(
     request: pytest.FixtureRequest,
     monkeypatch: pytest.MonkeyPatch,
     _plain_numpy_backend: None,
 ) -> str:
-    """'numpy' (plain NumPy path) or 'emulated' (CUDA kernels on the CPU)."""
+    """The backend a test runs on.
+
+    'numpy': the NumPy backend as users get it (compiled CPU kernels for
+    float32/float64 where a compiler exists); 'numpy-pure': the same with
+    ``ARCFACE_CE_CPU_KERNELS=0`` (ufunc code only); 'emulated': the CUDA
+    kernels run on the CPU.
+    """
     name = request.param
+    if name == "numpy-pure":
+        monkeypatch.setenv(CPU_KERNELS_ENV, "0")
+        return name
     if name == "emulated":
         reason = emulator_skip_reason()
         if reason is not None:
@@ -196,6 +211,11 @@ def backend(
         monkeypatch.setenv(EMULATE_ENV, "1")
     elif name == "numpy":
         monkeypatch.delenv(EMULATE_ENV, raising=False)
+        if os.environ.get("ARCFACE_CE_REQUIRE_KERNELS") == "1":
+            from arcface_ce import _cpu_kernels
+
+            if _cpu_kernels.library() is None:
+                pytest.fail(_cpu_kernels.status())
     else:  # pragma: no cover - misuse of the fixture
         raise ValueError(f"unknown backend {name!r}")
     return name

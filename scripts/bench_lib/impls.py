@@ -10,7 +10,9 @@ back for the correctness check.  ``sync`` waits for queued device work
 Implementations:
 
 - ``package``: ``arcface_ce.margin_cross_entropy`` and
-  ``margin_cross_entropy_and_grad`` on NumPy or CuPy arrays.
+  ``margin_cross_entropy_and_grad`` on NumPy or CuPy arrays, the gradient
+  written into one caller-owned array (``out=``), as a training loop does
+  and as the composite below reuses its work array.
 - ``composite``: Paddle's steps written with NumPy ufuncs (copy, margin
   on the target, scale, row max, subtract, exp, row sum, divide, one-hot
   subtract), reusing one work array in place, which is already kinder
@@ -124,6 +126,11 @@ class PackageImpl(Impl):
             logits = logits.view(np.uint16)
         self.x = self.xp.asarray(logits)
         self.label = self.xp.asarray(label)
+        self.out = self.xp.empty_like(self.x)
+
+    def release(self) -> None:
+        super().release()
+        self.__dict__.pop("out", None)
 
     def forward(self, m: Margins) -> Any:
         return self.module.margin_cross_entropy(
@@ -132,7 +139,11 @@ class PackageImpl(Impl):
 
     def forward_grad(self, m: Margins) -> tuple[Any, Any]:
         return self.module.margin_cross_entropy_and_grad(
-            self.x, self.label, group=self.group, **m.as_kwargs()
+            self.x,
+            self.label,
+            group=self.group,
+            out=self.out,
+            **m.as_kwargs(),
         )
 
     def to_numpy(self, a: Any) -> np.ndarray:

@@ -228,6 +228,13 @@ def environment(repo: Path, extra: dict[str, Any]) -> dict[str, Any]:
         ]
     except ImportError:
         env["threadpools"] = "threadpoolctl not installed"
+    if "arcface_ce" in sys.modules:
+        from arcface_ce import _cpu_kernels
+        from arcface_ce._numpy_backend import num_threads
+
+        env["numpy_backend"] = (
+            f"{_cpu_kernels.status()}, {num_threads()} thread(s)"
+        )
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
         env["torch_num_threads"] = torch.get_num_threads()
@@ -259,6 +266,7 @@ def format_environment(env: dict[str, Any]) -> str:
             f"{env['torch']}, mpi4py {env['mpi4py']}, cupy {env['cupy']}",
             f"thread pools: {pools_txt}; variables: "
             f"{env['environment_variables']}",
+            f"arcface_ce NumPy backend: {env.get('numpy_backend', '-')}",
         ]
     )
 

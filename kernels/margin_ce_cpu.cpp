@@ -1,0 +1,192 @@
+// CPU row kernels of the NumPy backend, compiled at run time by the host
+// C++ compiler (see arcface_ce/_cpu_kernels.py) and called through ctypes,
+// which releases the GIL: the backend's worker threads run them in
+// parallel on disjoint row ranges.
+//
+// They do exactly what the NumPy block code of _numpy_backend.py does, in
+// one pass over each row instead of six ufunc calls:
+//
+//   shift  = scale * max_j x[j]            (0 when not finite)
+//   e[j]   = exp(min(max(scale * x[j] - shift, floor), 0))
+//   e[t]   = 0                              (t = the row's target column)
+//   sumexp = sum_j e[j]
+//
+// and optionally keep e[] in a caller's output row. The row is read from
+// memory once (for the max); the exponential pass finds it in cache.
+//
+// The exponential is a Cody-Waite range reduction and a polynomial, written
+// so that the compiler vectorises it without -ffast-math (NaN still
+// propagates, the summation order is fixed). Its argument is clamped to
+// [floor, 0] with floor >= -87 (float) or -700 (double), so results are
+// always normal numbers and no special cases are needed.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kChunk = 1024;  // elements summed per double accumulation
+constexpr int kLanes = 16;        // independent partial sums in a chunk
+
+inline float exp_poly(float x) {
+    const float magic = 12582912.0f;  // 1.5 * 2**23: round to integer
+    float t = x * 1.44269504088896341f + magic;
+    float n = t - magic;
+    int32_t ti;
+    std::memcpy(&ti, &t, sizeof ti);
+    int32_t ni = ti - 0x4B400000;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float z = r * r;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * z + r + 1.0f;
+    int32_t sb = (ni + 127) << 23;
+    float s;
+    std::memcpy(&s, &sb, sizeof s);
+    return y * s;
+}
+
+inline double exp_poly(double x) {
+    const double magic = 6755399441055744.0;  // 1.5 * 2**52
+    double t = x * 1.4426950408889634074 + magic;
+    double n = t - magic;
+    int64_t ti;
+    std::memcpy(&ti, &t, sizeof ti);
+    int64_t ni = ti - INT64_C(0x4338000000000000);
+    double r = x - n * 6.93145751953125e-1;
+    r = r - n * 1.42860682030941723212e-6;
+    // Taylor series to degree 13: |r| <= 0.35 leaves < 1e-17 relative.
+    double y = 1.0 / 6227020800.0;
+    y = y * r + 1.0 / 479001600.0;
+    y = y * r + 1.0 / 39916800.0;
+    y = y * r + 1.0 / 3628800.0;
+    y = y * r + 1.0 / 362880.0;
+    y = y * r + 1.0 / 40320.0;
+    y = y * r + 1.0 / 5040.0;
+    y = y * r + 1.0 / 720.0;
+    y = y * r + 1.0 / 120.0;
+    y = y * r + 1.0 / 24.0;
+    y = y * r + 1.0 / 6.0;
+    y = y * r + 0.5;
+    y = y * r + 1.0;
+    y = y * r + 1.0;
+    int64_t sb = (ni + 1023) << 52;
+    double s;
+    std::memcpy(&s, &sb, sizeof s);
+    return y * s;
+}
+
+template <typename T>
+T row_max(const T* x, int64_t c) {
+    T part[kLanes];
+    for (int k = 0; k < kLanes; ++k) part[k] = -INFINITY;
+    int64_t j = 0;
+    for (; j + kLanes <= c; j += kLanes)
+        for (int k = 0; k < kLanes; ++k)
+            part[k] = x[j + k] > part[k] ? x[j + k] : part[k];
+    T m = -INFINITY;
+    for (; j < c; ++j) m = x[j] > m ? x[j] : m;
+    for (int k = 0; k < kLanes; ++k) m = part[k] > m ? part[k] : m;
+    return m;
+}
+
+// e[0:len] = exp(clamp(scale * x - shift, floor, 0)); returns the sum.
+template <typename T>
+double exp_chunk(const T* x, T* e, int64_t len, T scale, T shift, T floor,
+                 int64_t target) {
+    for (int64_t j = 0; j < len; ++j) {
+        T v = x[j] * scale - shift;
+        v = v < floor ? floor : v;  // NaN passes both tests unchanged
+        v = v > T(0) ? T(0) : v;
+        e[j] = exp_poly(v);
+    }
+    if (target >= 0 && target < len) e[target] = T(0);
+    T part[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= len; j += kLanes)
+        for (int k = 0; k < kLanes; ++k) part[k] += e[j + k];
+    double sum = 0.0;
+    for (; j < len; ++j) sum += e[j];
+    for (int k = 0; k < kLanes; ++k) sum += part[k];
+    return sum;
+}
+
+template <typename T>
+void stats(const T* x, int64_t ldx, int64_t rows, int64_t c,
+           const int64_t* tcol, double scale_d, double floor_d,
+           double* shift_out, double* sum_out, T* ex, int64_t ldex) {
+    const T scale = T(scale_d), floor = T(floor_d);
+    T tmp[kChunk];
+    for (int64_t i = 0; i < rows; ++i) {
+        const T* xr = x + i * ldx;
+        T shift = row_max(xr, c) * scale;
+        if (!std::isfinite(shift)) shift = T(0);
+        double sum = 0.0;
+        for (int64_t j0 = 0; j0 < c; j0 += kChunk) {
+            int64_t len = c - j0 < kChunk ? c - j0 : kChunk;
+            T* e = ex ? ex + i * ldex + j0 : tmp;
+            sum += exp_chunk(xr + j0, e, len, scale, shift, floor,
+                             tcol[i] - j0);
+        }
+        shift_out[i] = double(shift);
+        sum_out[i] = sum;
+    }
+}
+
+template <typename T>
+void scale_rows(T* out, int64_t ld, int64_t rows, int64_t c,
+                const double* factor) {
+    for (int64_t i = 0; i < rows; ++i) {
+        T f = T(factor[i]);
+        T* o = out + i * ld;
+        for (int64_t j = 0; j < c; ++j) o[j] *= f;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Row statistics of `rows` rows of x (row stride ldx elements, c columns);
+// tcol[i] is row i's local target column or -1. ex (row stride ldex) may
+// be null; otherwise it receives the exponentials.
+void mce_cpu_stats_f32(const float* x, int64_t ldx, int64_t rows, int64_t c,
+                       const int64_t* tcol, double scale, double floor,
+                       double* shift, double* sum, float* ex, int64_t ldex) {
+    stats(x, ldx, rows, c, tcol, scale, floor, shift, sum, ex, ldex);
+}
+
+void mce_cpu_stats_f64(const double* x, int64_t ldx, int64_t rows,
+                       int64_t c, const int64_t* tcol, double scale,
+                       double floor, double* shift, double* sum, double* ex,
+                       int64_t ldex) {
+    stats(x, ldx, rows, c, tcol, scale, floor, shift, sum, ex, ldex);
+}
+
+// out[i, :] *= factor[i]
+void mce_cpu_scale_f32(float* out, int64_t ld, int64_t rows, int64_t c,
+                       const double* factor) {
+    scale_rows(out, ld, rows, c, factor);
+}
+
+void mce_cpu_scale_f64(double* out, int64_t ld, int64_t rows, int64_t c,
+                       const double* factor) {
+    scale_rows(out, ld, rows, c, factor);
+}
+
+// Exponential of the kernels, for tests of its accuracy.
+void mce_cpu_exp_f32(const float* x, float* y, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) y[j] = exp_poly(x[j]);
+}
+
+void mce_cpu_exp_f64(const double* x, double* y, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) y[j] = exp_poly(x[j]);
+}
+
+}  // extern "C"

@@ -1,0 +1,196 @@
+"""The compiled CPU kernels of the NumPy backend, and ``out=``.
+
+The NumPy backend runs float32/float64 logits through
+``kernels/margin_ce_cpu.cpp`` when a C++ compiler is available, and its
+ufunc code otherwise (``ARCFACE_CE_CPU_KERNELS=0``). Both are held to the
+float64 reference here on shapes that reach the kernels' edges: several
+row blocks spread over threads, rows longer than one 1024-element chunk
+and not a multiple of 16, strided rows, in-place output, logits whose
+exponentials would underflow, NaN.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import assert_close, tolerances
+from reference import margin_ce_reference
+
+from arcface_ce import (
+    _cpu_kernels,
+    margin_cross_entropy,
+    margin_cross_entropy_and_grad,
+)
+from arcface_ce._numpy_backend import KERNEL_BLOCK_BYTES
+
+MARGINS = {"margin1": 1.0, "margin2": 0.5, "margin3": 0.0, "scale": 64.0}
+
+
+def make(n: int, c: int, dtype: Any, seed: int, spread: float = 0.9):
+    rng = np.random.default_rng(seed)
+    logits = rng.uniform(-spread, spread, (n, c)).astype(dtype)
+    label = rng.integers(0, c, n)
+    return logits, label
+
+
+def check(logits, label, loss, grad, reduction="mean", **margins) -> None:
+    kw = {**MARGINS, **margins}
+    ref = margin_ce_reference(logits, label, reduction=reduction, **kw)
+    n = max(1, label.size)
+    tol = tolerances(
+        logits.dtype, kw["scale"], 1.0 / n if reduction == "mean" else 1.0
+    )
+    assert_close(loss, ref.loss, *tol["loss"], "loss")
+    assert_close(grad, ref.grad, *tol["grad"], "grad")
+
+
+def need_kernels() -> Any:
+    lib = _cpu_kernels.library()
+    if lib is None:
+        pytest.skip(_cpu_kernels.status())
+    return lib
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exponential_accuracy(dtype: Any) -> None:
+    """The kernels' exp() over its whole clamped range [floor, 0]."""
+    lib = need_kernels()
+    floor = -87.0 if dtype == np.float32 else -700.0
+    x = np.concatenate(
+        [np.linspace(floor, 0.0, 200_001), [floor, 0.0, -1e-30, -0.5]]
+    ).astype(dtype)
+    y = np.empty_like(x)
+    fn = getattr(lib, "mce_cpu_exp_" + _cpu_kernels.suffix(x.dtype))
+    fn(x.ctypes.data, y.ctypes.data, x.size)
+    exact = np.exp(x.astype(np.float64))
+    rel = np.abs(y.astype(np.float64) - exact) / exact
+    eps = np.finfo(dtype).eps
+    assert rel.max() <= 4 * eps, f"worst relative error {rel.max():.3g}"
+    # Results are normal numbers down to the floor.
+    assert y.min() >= np.finfo(dtype).tiny
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exponential_propagates_nan(dtype: Any) -> None:
+    lib = need_kernels()
+    x = np.array([np.nan, -1.0], dtype=dtype)
+    y = np.empty_like(x)
+    fn = getattr(lib, "mce_cpu_exp_" + _cpu_kernels.suffix(x.dtype))
+    fn(x.ctypes.data, y.ctypes.data, x.size)
+    assert np.isnan(y[0]) and y[1] == pytest.approx(np.exp(-1.0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("n", "c"),
+    [(1, 1), (3, 15), (5, 1023), (4, 1025), (7, 3001), (2, 17)],
+)
+def test_row_edges(backend: str, dtype: Any, n: int, c: int) -> None:
+    logits, label = make(n, c, dtype, seed=n * 7919 + c)
+    loss, grad = margin_cross_entropy_and_grad(logits, label, group=False)
+    check(logits, label, loss, grad)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_many_blocks_over_threads(backend: str, dtype: Any) -> None:
+    """More rows than one kernel block holds: blocks run on the pool."""
+    c = 3001
+    n = 3 * KERNEL_BLOCK_BYTES // (c * np.dtype(dtype).itemsize) + 5
+    logits, label = make(n, c, dtype, seed=11)
+    loss, grad = margin_cross_entropy_and_grad(
+        logits, label, group=False, reduction="none"
+    )
+    check(logits, label, loss, grad, reduction="none")
+    loss2, soft = margin_cross_entropy(
+        logits, label, group=False, reduction="none", return_softmax=True
+    )
+    ref = margin_ce_reference(logits, label, reduction="none", **MARGINS)
+    tol = tolerances(dtype, 64.0)
+    assert_close(soft, ref.softmax, *tol["softmax"], "softmax")
+    assert_close(loss2, loss, 0.0, 0.0, "loss with and without softmax")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_strided_rows(backend: str, dtype: Any) -> None:
+    """Every other row of a larger array: rows strided, columns not."""
+    big, _ = make(24, 1500, dtype, seed=5)
+    logits = big[::2, 100:1300]
+    label = np.random.default_rng(6).integers(0, logits.shape[1], 12)
+    loss, grad = margin_cross_entropy_and_grad(logits, label, group=False)
+    check(np.ascontiguousarray(logits), label, loss, grad)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_out_argument(backend: str, dtype: Any) -> None:
+    logits, label = make(9, 2050, dtype, seed=8)
+    out = np.full_like(logits, 7.0)
+    loss, grad = margin_cross_entropy_and_grad(
+        logits, label, group=False, out=out
+    )
+    assert grad.base is out or grad is out or np.shares_memory(grad, out)
+    check(logits, label, loss, out)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_in_place(backend: str, dtype: Any) -> None:
+    """``out=logits``: the gradient replaces the logits."""
+    logits, label = make(6, 1100, dtype, seed=9)
+    keep = logits.copy()
+    loss, grad = margin_cross_entropy_and_grad(
+        logits, label, group=False, out=logits
+    )
+    assert np.shares_memory(grad, logits)
+    check(keep, label, loss, grad)
+
+
+def test_wide_range_logits(backend: str) -> None:
+    """Logits far outside [-1, 1]: clamped exponentials stay normal and
+    the result still matches the reference (nothing subnormal leaks)."""
+    logits, label = make(8, 2000, np.float32, seed=10, spread=3.0)
+    loss, grad = margin_cross_entropy_and_grad(
+        logits, label, group=False, margin2=0.0, scale=64.0
+    )
+    check(logits, label, loss, grad, margin2=0.0)
+
+
+def test_nan_logit_gives_nan_row(backend: str) -> None:
+    logits, label = make(3, 50, np.float32, seed=12)
+    logits[1, (label[1] + 1) % 50] = np.nan
+    loss = margin_cross_entropy(logits, label, group=False, reduction="none")
+    rows = np.asarray(loss).reshape(-1)
+    assert np.isnan(rows[1]) and np.isfinite(rows[[0, 2]]).all()
+
+
+def test_compiled_and_pure_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    need_kernels()
+    logits, label = make(40, 4097, np.float32, seed=13)
+    fast = margin_cross_entropy_and_grad(logits, label, group=False)
+    monkeypatch.setenv(_cpu_kernels.ENV, "0")
+    assert _cpu_kernels.library() is None
+    assert _cpu_kernels.status().startswith("pure NumPy")
+    pure = margin_cross_entropy_and_grad(logits, label, group=False)
+    assert_close(fast[0], pure[0], 1e-6, 0.0, "loss")
+    assert_close(fast[1], pure[1], 1e-5, 1e-12, "grad")
+
+
+def test_no_compiler_falls_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """A missing compiler disables the kernels; results stay right."""
+    monkeypatch.setenv("ARCFACE_CE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert _cpu_kernels.library() is None
+    assert "unavailable" in _cpu_kernels.status()
+    logits, label = make(5, 300, np.float32, seed=14)
+    loss, grad = margin_cross_entropy_and_grad(logits, label, group=False)
+    check(logits, label, loss, grad)
+
+
+def test_library_functions_release_the_gil() -> None:
+    """ctypes.CDLL (not PyDLL) calls drop the GIL: threads overlap."""
+    lib = need_kernels()
+    assert isinstance(lib, ctypes.CDLL)
+    assert not isinstance(lib, ctypes.PyDLL)
