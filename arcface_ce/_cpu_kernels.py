@@ -14,8 +14,9 @@ under a key that includes the CPU's feature flags. Without a compiler, or
 with ``ARCFACE_CE_CPU_KERNELS=0``, the backend keeps its pure NumPy code:
 same results within rounding, slower. :func:`status` says which is used.
 
-Only float32 and float64 logits go through it; float16 and bfloat16
-logits always take the NumPy code.
+float16 and bfloat16 logits are computed in float32 inside the kernels
+(their conversions are bit arithmetic, rounding to nearest even), which
+spares NumPy's slow 16-bit ufuncs altogether.
 """
 
 from __future__ import annotations
@@ -79,11 +80,22 @@ def _build() -> ctypes.CDLL:
     except OSError:  # a truncated or foreign file: rebuild it once
         _compile(source, FLAGS, cxx, path, what="CPU kernel module")
         lib = ctypes.CDLL(str(path))
-    for name in ("f32", "f64"):
+    for name in ("f32", "f64", "f16", "bf16"):
         stats = getattr(lib, f"mce_cpu_stats_{name}")
         stats.restype = None
         stats.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _dbl, _dbl]
         stats.argtypes += [_ptr, _ptr, _ptr, _i64]
+    for name in ("f32", "f16", "bf16"):
+        write = getattr(lib, f"mce_cpu_write_{name}")
+        write.restype = None
+        write.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _dbl, _ptr, _ptr]
+        write.argtypes += [_dbl, _ptr, _i64]
+    for name in ("f16", "bf16"):
+        for kind in ("widen", "narrow"):
+            conv = getattr(lib, f"mce_cpu_{kind}_{name}")
+            conv.restype = None
+            conv.argtypes = [_ptr, _ptr, _i64]
+    for name in ("f32", "f64"):
         scale = getattr(lib, f"mce_cpu_scale_{name}")
         scale.restype = None
         scale.argtypes = [_ptr, _i64, _i64, _i64, _ptr]
@@ -125,13 +137,17 @@ def status() -> str:
     return "pure NumPy (CPU kernels unavailable: " + _why_not[key] + ")"
 
 
+_SUFFIXES = {
+    "float32": "f32",
+    "float64": "f64",
+    "float16": "f16",
+    "bfloat16": "bf16",
+}
+
+
 def suffix(dtype: Any) -> str | None:
-    """``"f32"``/``"f64"`` for the dtypes the kernels take, else None."""
-    if dtype == np.float32:
-        return "f32"
-    if dtype == np.float64:
-        return "f64"
-    return None
+    """Function suffix (``"f32"`` ...) of a logits dtype, or None."""
+    return _SUFFIXES.get(np.dtype(dtype).name)
 
 
 def rows_ok(a: np.ndarray) -> bool:

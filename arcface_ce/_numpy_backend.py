@@ -176,10 +176,11 @@ class NumpyBackend:
             stats[:, SHIFT] = -np.inf
             return stats, state
         floor = _floor(acc, fused)
-        kernel = _kernel_for(logits, out if fused else None)
+        kernel = _kernel_for(logits, out)
         state.kernel = kernel
         if kernel is not None:
-            fn = getattr(kernel, f"mce_cpu_stats_{_cpu_kernels.suffix(acc)}")
+            name = _cpu_kernels.suffix(logits.dtype)
+            fn = getattr(kernel, f"mce_cpu_stats_{name}")
             x_ptr, ldx = _rows_pointer(logits)
             ex_ptr, ldex = _rows_pointer(out) if fused else (0, 0)
             shift_all = np.empty(n)
@@ -290,6 +291,22 @@ class NumpyBackend:
         else:
             todo = np.arange(r1 - r0)
         if todo.size == 0:
+            return
+        if (
+            state.kernel is not None
+            and todo.size == r1 - r0
+            and out.dtype != np.float64
+        ):
+            _kernel_write(
+                state.kernel,
+                ob,
+                logits[r0:r1],
+                state,
+                r0,
+                row_a,
+                row_max,
+                scale,
+            )
             return
         # Recompute: value = sign(a) * exp(scale * x - M + log|a|) with the
         # exponent clamped, so small results are never subnormal.
@@ -408,6 +425,42 @@ def _kernel_scale(kernel: Any, ob: np.ndarray, factor: np.ndarray) -> None:
     factor = np.ascontiguousarray(factor, dtype=np.float64)
     ptr, ld = _rows_pointer(ob)
     fn(ptr, ld, ob.shape[0], ob.shape[1], factor.ctypes.data)
+
+
+def _kernel_write(
+    kernel: Any,
+    ob: np.ndarray,
+    xb: np.ndarray,
+    state: _State,
+    r0: int,
+    row_a: np.ndarray,
+    row_max: np.ndarray,
+    scale: float,
+) -> None:
+    """Output rows ``sign(a) exp(scale x - M + log|a|)`` from the logits."""
+    name = _cpu_kernels.suffix(ob.dtype)
+    fn = getattr(kernel, f"mce_cpu_write_{name}")
+    with np.errstate(divide="ignore"):
+        offset = np.log(np.abs(row_a)) - row_max
+    offset = np.ascontiguousarray(offset, dtype=np.float64)
+    sign = np.ascontiguousarray(np.sign(row_a), dtype=np.float64)
+    tcol = np.ascontiguousarray(state.target_col[r0 : r0 + xb.shape[0]])
+    x_ptr, ldx = _rows_pointer(xb)
+    o_ptr, ldo = _rows_pointer(ob)
+    floor = _floor(np.float32, False)
+    fn(
+        x_ptr,
+        ldx,
+        xb.shape[0],
+        xb.shape[1],
+        tcol.ctypes.data,
+        scale,
+        offset.ctypes.data,
+        sign.ctypes.data,
+        floor,
+        o_ptr,
+        ldo,
+    )
 
 
 def _zero_targets(buf: np.ndarray, target_col: np.ndarray) -> None:

@@ -13,6 +13,11 @@
 //
 // and optionally keep e[] in a caller's output row. The row is read from
 // memory once (for the max); the exponential pass finds it in cache.
+// float16 and bfloat16 logits are computed in float32, like float32 ones;
+// their outputs cannot hold unnormalised exponentials, so mce_cpu_write_*
+// writes them from the logits and the per-row factors:
+//
+//   out[j] = sign * exp(max(scale * x[j] + offset, floor)),  out[t] = 0
 //
 // The exponential is a Cody-Waite range reduction and a polynomial, written
 // so that the compiler vectorises it without -ffast-math (NaN still
@@ -25,6 +30,75 @@
 #include <cstring>
 
 namespace {
+
+// float16 and bfloat16 as bit patterns. The conversions are branch-free
+// bit arithmetic, so that loops over them vectorise; float -> 16 bits
+// rounds to nearest even and keeps NaN a (quiet) NaN.
+struct f16 {
+    uint16_t bits;
+};
+struct bf16 {
+    uint16_t bits;
+};
+
+inline float as_float(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+inline uint32_t as_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+inline float to_compute(float v) { return v; }
+inline double to_compute(double v) { return v; }
+inline float to_compute(bf16 v) { return as_float(uint32_t(v.bits) << 16); }
+inline float to_compute(f16 v) {
+    uint32_t sign = uint32_t(v.bits & 0x8000u) << 16;
+    uint32_t em = v.bits & 0x7FFFu;
+    // Exponent rebias by a multiplication (also right for subnormals).
+    uint32_t finite = as_bits(as_float(em << 13) * 0x1p112f);
+    uint32_t special = 0x7F800000u | (em << 13);  // inf, NaN
+    return as_float((em >= 0x7C00u ? special : finite) | sign);
+}
+
+template <typename T>
+inline T from_compute(float v);
+template <>
+inline float from_compute<float>(float v) { return v; }
+template <>
+inline bf16 from_compute<bf16>(float v) {
+    uint32_t u = as_bits(v);
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    uint32_t nan = (u >> 16) | 0x40u;  // quiet NaN, sign and payload kept
+    return bf16{uint16_t(v != v ? nan : rounded)};
+}
+template <>
+inline f16 from_compute<f16>(float v) {
+    uint32_t u = as_bits(v);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    u &= 0x7FFFFFFFu;
+    // Overflow to inf (NaN stays NaN).
+    uint32_t big = u > 0x7F800000u ? 0x7E00u : 0x7C00u;
+    // Subnormal or zero: let the FPU round by adding 0.5f.
+    uint32_t sub = as_bits(as_float(u) + 0.5f) - 0x3F000000u;
+    // Normal: rebias, round to nearest even on the 13 dropped bits.
+    uint32_t odd = (u >> 13) & 1u;
+    uint32_t norm = (u + 0xC8000FFFu + odd) >> 13;
+    uint32_t r = u >= 0x47800000u ? big : (u < 0x38800000u ? sub : norm);
+    return f16{uint16_t(r | sign)};
+}
+
+template <typename T>
+struct Compute {
+    using type = float;
+};
+template <>
+struct Compute<double> {
+    using type = double;
+};
 
 constexpr int64_t kChunk = 1024;  // elements summed per double accumulation
 constexpr int kLanes = 16;        // independent partial sums in a chunk
@@ -82,26 +156,31 @@ inline double exp_poly(double x) {
     return y * s;
 }
 
-template <typename T>
-T row_max(const T* x, int64_t c) {
+template <typename T, typename TIn>
+T row_max(const TIn* x, int64_t c) {
     T part[kLanes];
     for (int k = 0; k < kLanes; ++k) part[k] = -INFINITY;
     int64_t j = 0;
     for (; j + kLanes <= c; j += kLanes)
-        for (int k = 0; k < kLanes; ++k)
-            part[k] = x[j + k] > part[k] ? x[j + k] : part[k];
+        for (int k = 0; k < kLanes; ++k) {
+            T v = to_compute(x[j + k]);
+            part[k] = v > part[k] ? v : part[k];
+        }
     T m = -INFINITY;
-    for (; j < c; ++j) m = x[j] > m ? x[j] : m;
+    for (; j < c; ++j) {
+        T v = to_compute(x[j]);
+        m = v > m ? v : m;
+    }
     for (int k = 0; k < kLanes; ++k) m = part[k] > m ? part[k] : m;
     return m;
 }
 
 // e[0:len] = exp(clamp(scale * x - shift, floor, 0)); returns the sum.
-template <typename T>
-double exp_chunk(const T* x, T* e, int64_t len, T scale, T shift, T floor,
+template <typename T, typename TIn>
+double exp_chunk(const TIn* x, T* e, int64_t len, T scale, T shift, T floor,
                  int64_t target) {
     for (int64_t j = 0; j < len; ++j) {
-        T v = x[j] * scale - shift;
+        T v = to_compute(x[j]) * scale - shift;
         v = v < floor ? floor : v;  // NaN passes both tests unchanged
         v = v > T(0) ? T(0) : v;
         e[j] = exp_poly(v);
@@ -117,15 +196,15 @@ double exp_chunk(const T* x, T* e, int64_t len, T scale, T shift, T floor,
     return sum;
 }
 
-template <typename T>
-void stats(const T* x, int64_t ldx, int64_t rows, int64_t c,
+template <typename TIn, typename T = typename Compute<TIn>::type>
+void stats(const TIn* x, int64_t ldx, int64_t rows, int64_t c,
            const int64_t* tcol, double scale_d, double floor_d,
            double* shift_out, double* sum_out, T* ex, int64_t ldex) {
     const T scale = T(scale_d), floor = T(floor_d);
     T tmp[kChunk];
     for (int64_t i = 0; i < rows; ++i) {
-        const T* xr = x + i * ldx;
-        T shift = row_max(xr, c) * scale;
+        const TIn* xr = x + i * ldx;
+        T shift = row_max<T>(xr, c) * scale;
         if (!std::isfinite(shift)) shift = T(0);
         double sum = 0.0;
         for (int64_t j0 = 0; j0 < c; j0 += kChunk) {
@@ -136,6 +215,24 @@ void stats(const T* x, int64_t ldx, int64_t rows, int64_t c,
         }
         shift_out[i] = double(shift);
         sum_out[i] = sum;
+    }
+}
+
+template <typename TIn>
+void write_rows(const TIn* x, int64_t ldx, int64_t rows, int64_t c,
+                const int64_t* tcol, double scale_d, const double* offset,
+                const double* sign, double floor_d, TIn* out, int64_t ldo) {
+    const float scale = float(scale_d), floor = float(floor_d);
+    for (int64_t i = 0; i < rows; ++i) {
+        const TIn* xr = x + i * ldx;
+        TIn* o = out + i * ldo;
+        const float off = float(offset[i]), sg = float(sign[i]);
+        for (int64_t j = 0; j < c; ++j) {
+            float v = to_compute(xr[j]) * scale + off;
+            v = v < floor ? floor : v;
+            o[j] = from_compute<TIn>(sg * exp_poly(v));
+        }
+        if (tcol[i] >= 0 && tcol[i] < c) o[tcol[i]] = from_compute<TIn>(0.f);
     }
 }
 
@@ -169,6 +266,43 @@ void mce_cpu_stats_f64(const double* x, int64_t ldx, int64_t rows,
     stats(x, ldx, rows, c, tcol, scale, floor, shift, sum, ex, ldex);
 }
 
+void mce_cpu_stats_f16(const f16* x, int64_t ldx, int64_t rows,
+                       int64_t c, const int64_t* tcol, double scale,
+                       double floor, double* shift, double* sum, float* ex,
+                       int64_t ldex) {
+    stats(x, ldx, rows, c, tcol, scale, floor, shift, sum, ex, ldex);
+}
+
+void mce_cpu_stats_bf16(const bf16* x, int64_t ldx, int64_t rows,
+                        int64_t c, const int64_t* tcol, double scale,
+                        double floor, double* shift, double* sum, float* ex,
+                        int64_t ldex) {
+    stats(x, ldx, rows, c, tcol, scale, floor, shift, sum, ex, ldex);
+}
+
+// Output rows of 16-bit (or float32) logits from the per-row offset
+// (log|a| - M) and sign of a; see the header comment.
+void mce_cpu_write_f32(const float* x, int64_t ldx, int64_t rows, int64_t c,
+                       const int64_t* tcol, double scale,
+                       const double* offset, const double* sign,
+                       double floor, float* out, int64_t ldo) {
+    write_rows(x, ldx, rows, c, tcol, scale, offset, sign, floor, out, ldo);
+}
+
+void mce_cpu_write_f16(const f16* x, int64_t ldx, int64_t rows,
+                       int64_t c, const int64_t* tcol, double scale,
+                       const double* offset, const double* sign,
+                       double floor, f16* out, int64_t ldo) {
+    write_rows(x, ldx, rows, c, tcol, scale, offset, sign, floor, out, ldo);
+}
+
+void mce_cpu_write_bf16(const bf16* x, int64_t ldx, int64_t rows,
+                        int64_t c, const int64_t* tcol, double scale,
+                        const double* offset, const double* sign,
+                        double floor, bf16* out, int64_t ldo) {
+    write_rows(x, ldx, rows, c, tcol, scale, offset, sign, floor, out, ldo);
+}
+
 // out[i, :] *= factor[i]
 void mce_cpu_scale_f32(float* out, int64_t ld, int64_t rows, int64_t c,
                        const double* factor) {
@@ -187,6 +321,23 @@ void mce_cpu_exp_f32(const float* x, float* y, int64_t n) {
 
 void mce_cpu_exp_f64(const double* x, double* y, int64_t n) {
     for (int64_t j = 0; j < n; ++j) y[j] = exp_poly(x[j]);
+}
+
+// The 16-bit conversions of the kernels, for exhaustive tests.
+void mce_cpu_widen_f16(const f16* x, float* y, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) y[j] = to_compute(x[j]);
+}
+
+void mce_cpu_widen_bf16(const bf16* x, float* y, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) y[j] = to_compute(x[j]);
+}
+
+void mce_cpu_narrow_f16(const float* x, f16* y, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) y[j] = from_compute<f16>(x[j]);
+}
+
+void mce_cpu_narrow_bf16(const float* x, bf16* y, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) y[j] = from_compute<bf16>(x[j]);
 }
 
 }  // extern "C"

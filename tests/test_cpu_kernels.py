@@ -194,3 +194,71 @@ def test_library_functions_release_the_gil() -> None:
     lib = need_kernels()
     assert isinstance(lib, ctypes.CDLL)
     assert not isinstance(lib, ctypes.PyDLL)
+
+
+def _conversions(lib: Any, name: str) -> tuple[Any, Any]:
+    return (
+        getattr(lib, f"mce_cpu_widen_{name}"),
+        getattr(lib, f"mce_cpu_narrow_{name}"),
+    )
+
+
+def _sixteen_bit(name: str) -> Any:
+    if name == "f16":
+        return np.dtype(np.float16)
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["f16", "bf16"])
+def test_widen_every_16_bit_pattern(name: str) -> None:
+    """16 -> 32 bits, all 65536 patterns, against NumPy / ml_dtypes."""
+    lib = need_kernels()
+    dtype = _sixteen_bit(name)
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    widen, _ = _conversions(lib, name)
+    got = np.empty(bits.size, dtype=np.float32)
+    widen(bits.ctypes.data, got.ctypes.data, bits.size)
+    want = bits.view(dtype).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(
+        got.view(np.uint32)[~nan], want.view(np.uint32)[~nan]
+    )
+
+
+@pytest.mark.parametrize("name", ["f16", "bf16"])
+def test_narrow_rounds_to_nearest_even(name: str) -> None:
+    """32 -> 16 bits on every 16-bit value, the midpoints between
+    neighbours (ties), their neighbours, overflow, NaN and random floats."""
+    lib = need_kernels()
+    dtype = _sixteen_bit(name)
+    rng = np.random.default_rng(15)
+    with np.errstate(invalid="ignore", over="ignore"):
+        # (casts of signalling NaN patterns and of overflowing values)
+        wide = np.arange(1 << 16, dtype=np.uint16).view(dtype)
+        wide = wide.astype(np.float32)
+        finite = np.unique(wide[np.isfinite(wide)])
+        mids = ((finite[:-1].astype(np.float64) + finite[1:]) / 2).astype(
+            np.float32
+        )
+        ulp = np.spacing(mids)
+        randoms = rng.standard_normal(100_000) * 10.0 ** rng.integers(
+            -9, 5, 100_000
+        )
+        special = [np.inf, -np.inf, np.nan, 1e30, -1e30, 65519.0, 65520.0]
+        x = np.concatenate(
+            [wide, mids, mids + ulp, mids - ulp, special, randoms]
+        ).astype(np.float32)
+        want = x.astype(dtype)  # NumPy / ml_dtypes round to nearest even
+    _, narrow = _conversions(lib, name)
+    got = np.empty(x.size, dtype=np.uint16)
+    narrow(x.ctypes.data, got.ctypes.data, x.size)
+    nan = np.isnan(x)
+    assert np.isnan(got.view(dtype)[nan].astype(np.float32)).all()
+    want_bits = want.view(np.uint16)[~nan]
+    bad = np.flatnonzero(got[~nan] != want_bits)
+    assert bad.size == 0, (
+        f"{bad.size} values differ, first: {x[~nan][bad[:5]]!r} -> "
+        f"{got[~nan][bad[:5]]!r}, expected {want_bits[bad[:5]]!r}"
+    )
