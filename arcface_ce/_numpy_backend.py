@@ -17,7 +17,23 @@ and no second read of the logits. float16/bfloat16 outputs cannot hold
 unnormalised exponentials, so their write pass recomputes them from the
 logits block by block.
 
-Memory: O(N) per-row arrays plus one ``BLOCK_BYTES`` buffer per thread.
+Where a C++ compiler is available, each block is instead one call of the
+compiled kernels of ``kernels/margin_ce_cpu.cpp`` (see ``_cpu_kernels``):
+the same four steps fused in one loop per row, for every logits dtype
+(16-bit ones computed in float32), with the GIL released for the whole
+call, so the worker threads really run in parallel (NumPy's ufuncs take
+the GIL back between steps, and with blocks this small the handovers cost
+more than the arithmetic). Passes over the N x C logits, per call:
+
+- forward: one read (the exponential pass finds each row in cache);
+- loss and gradient, one process: one read of the logits and one write
+  of the gradient (each block is finished while in cache);
+- loss and gradient under MPI: one read of the logits and one write of
+  the exponentials before the collective, one read and write of them
+  after (rescaling in place); 16-bit outputs instead re-read the logits.
+
+Memory: O(N) per-row arrays plus one ``BLOCK_BYTES`` buffer per thread
+(none with the compiled kernels).
 """
 
 from __future__ import annotations
@@ -176,25 +192,34 @@ class NumpyBackend:
             stats[:, SHIFT] = -np.inf
             return stats, state
         floor = _floor(acc, fused)
-        kernel = _kernel_for(logits, out)
-        state.kernel = kernel
-        if kernel is not None:
+
+        def settle(r0: int, r1: int, shift: Any, sums: Any) -> None:
+            """Store a block's statistics; finish its output if final."""
+            stats[r0:r1, SHIFT] = shift
+            stats[r0:r1, SUMEXP] = sums
+            if finish is not None and out is not None:
+                row_max, row_a, _ = finish(r0, r1, stats[r0:r1])
+                self._write_block(
+                    out, logits, r0, r1, state, shift, row_max, row_a, scale
+                )
+
+        state.kernel = _kernel_for(logits, out)
+        if state.kernel is not None:
             name = _cpu_kernels.suffix(logits.dtype)
-            fn = getattr(kernel, f"mce_cpu_stats_{name}")
+            fn = getattr(state.kernel, f"mce_cpu_stats_{name}")
             x_ptr, ldx = _rows_pointer(logits)
             ex_ptr, ldex = _rows_pointer(out) if fused else (0, 0)
             shift_all = np.empty(n)
             sum_all = np.empty(n)
-            cols_ptr = target_col.ctypes.data
             isz = logits.itemsize
 
-            def kblock(r0: int, r1: int) -> None:
+            def block(r0: int, r1: int) -> None:
                 fn(
                     x_ptr + r0 * ldx * isz,
                     ldx,
                     r1 - r0,
                     c,
-                    cols_ptr + 8 * r0,
+                    target_col.ctypes.data + 8 * r0,
                     scale,
                     floor,
                     shift_all.ctypes.data + 8 * r0,
@@ -202,25 +227,24 @@ class NumpyBackend:
                     ex_ptr + r0 * ldex * isz if fused else None,
                     ldex,
                 )
-                stats[r0:r1, SHIFT] = shift_all[r0:r1]
-                stats[r0:r1, SUMEXP] = sum_all[r0:r1]
-                if finish is not None and out is not None:
-                    row_max, row_a, _ = finish(r0, r1, stats[r0:r1])
-                    self._write_block(
-                        out,
-                        logits,
-                        r0,
-                        r1,
-                        state,
-                        shift_all[r0:r1],
-                        row_max,
-                        row_a,
-                        scale,
-                    )
+                settle(r0, r1, shift_all[r0:r1], sum_all[r0:r1])
 
-            _run_blocks(n, c, isz, kblock, KERNEL_BLOCK_BYTES)
-            state.done = finish is not None and out is not None
-            return stats, state
+            size = KERNEL_BLOCK_BYTES
+        else:
+            block = self._ufunc_block(
+                logits, out, fused, acc, scale, floor, target_col, settle
+            )
+            size = BLOCK_BYTES
+        _run_blocks(n, c, np.dtype(acc).itemsize, block, size)
+        state.done = finish is not None and out is not None
+        return stats, state
+
+    @staticmethod
+    def _ufunc_block(
+        logits, out, fused, acc, scale, floor, target_col, settle
+    ) -> Callable[[int, int], None]:
+        """The per-block work in NumPy ufuncs (no compiled kernels)."""
+        c = logits.shape[1]
 
         def block(r0: int, r1: int) -> None:
             x = logits[r0:r1]
@@ -245,25 +269,9 @@ class NumpyBackend:
             np.exp(buf, out=buf)
             # 4. The target is summed separately (merge step 3): zero it.
             _zero_targets(buf, target_col[r0:r1])
-            stats[r0:r1, SHIFT] = shift
-            stats[r0:r1, SUMEXP] = _row_sums(buf)
-            if finish is not None and out is not None:
-                row_max, row_a, row_t = finish(r0, r1, stats[r0:r1])
-                self._write_block(
-                    out,
-                    logits,
-                    r0,
-                    r1,
-                    state,
-                    shift,
-                    row_max,
-                    row_a,
-                    scale,
-                )
+            settle(r0, r1, shift, _row_sums(buf))
 
-        _run_blocks(n, c, np.dtype(acc).itemsize, block)
-        state.done = finish is not None and out is not None
-        return stats, state
+        return block
 
     def _write_block(
         self, out, logits, r0, r1, state, shift, row_max, row_a, scale
