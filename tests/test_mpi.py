@@ -13,7 +13,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import assert_close, backend_params, tolerances
+from conftest import (
+    FLOAT_DTYPES,
+    assert_close,
+    backend_params,
+    tolerances,
+)
 from reference import margin_ce_reference
 
 import arcface_ce
@@ -117,7 +122,9 @@ def check_problem(
 
 @pytest.mark.parametrize("case", range(N_CASES))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "dtype", FLOAT_DTYPES, ids=[dt.name for dt in FLOAT_DTYPES]
+)
 def test_matches_reference(
     world: Any, dtype: Any, reduction: Any, case: int
 ) -> None:
