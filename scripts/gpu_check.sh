@@ -28,16 +28,20 @@ assert cupy.cuda.is_available(), "CuPy sees no GPU"
 PYEOF
 
 echo "== GPU tests (kernels through cupy.RawModule)"
-"$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
+timeout_args=()
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+    timeout_args=(--timeout 300)
+fi
+timeout 900 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/test_gpu_backend.py tests/test_loss.py tests/test_errors.py \
-    tests/test_head.py -k "not emulated" --timeout 300 \
+    tests/test_head.py -k "not emulated" "${timeout_args[@]}" \
     2>&1 | tee "$OUT/gpu_tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== benchmark (GPU grid only)"
 bench_args=(--no-cpu --out "$OUT/bench")
 [ "${QUICK:-0}" = 1 ] && bench_args+=(--quick)
-"$PY" scripts/bench.py "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log"
+timeout 600 "$PY" scripts/bench.py "${bench_args[@]}" 2>&1 | tee "$OUT/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 rm -rf "$ARCFACE_CE_CACHE_DIR"
 echo "gpu_check: exit $status"
