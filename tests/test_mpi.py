@@ -316,7 +316,8 @@ def test_mixed_float_dtypes_agree(world: Any) -> None:
 def test_emulated_backend(world: Any, backend: str, reduction: str) -> None:
     p = Problem(world, shards_for(world.size, 2), n=4, seed=12)
     check_problem(world, p, reduction)
-    p32 = Problem(
-        world, shards_for(world.size, 0), n=3, dtype=np.float32, seed=13
-    )
-    check_problem(world, p32, reduction)
+    for i, dtype in enumerate(FLOAT_DTYPES):
+        q = Problem(
+            world, shards_for(world.size, i), n=3, dtype=dtype, seed=13 + i
+        )
+        check_problem(world, q, reduction)
