@@ -3,8 +3,9 @@
 The merge arithmetic lives in :mod:`arcface_ce._merge`; this module moves
 the bytes. One call of the loss costs ONE collective in the steady state:
 
-1. Each rank packs a small header (status, N, C_local, a checksum of the
-   labels) and its ``[N, 4]`` row statistics into one float64 buffer.
+1. Each rank packs a small header (status, N, C_local, a hash of the
+   labels, a hash of the other arguments: logits dtype, margins, scale,
+   reduction) and its ``[N, 4]`` row statistics into one float64 buffer.
 2. ``Allgather`` of that buffer. Its length follows from the N agreed in
    the previous call on this communicator (cached as an MPI attribute), so
    every rank posts the same size even when one rank's N is wrong.
@@ -12,9 +13,14 @@ the bytes. One call of the loss costs ONE collective in the steady state:
    argument, an exception while computing), all ranks take part in one
    more, object all-gather of the messages and raise the first rank's
    exception: nobody is left waiting in a collective. If a rank's shape
-   differs from the cached one (first call, new batch size), all ranks
-   agree on the new shapes from the headers, validate them (equal N) and
-   repeat step 2 once with the right size.
+   differs from the cached one (first call, new batch size, new class
+   split), all ranks agree on the new shapes from the headers, validate
+   them (equal N) and repeat step 2 once with the right size; an error
+   found while computing with the stale shapes (a label checked against
+   the old class count) is dropped and found again, or not, in the
+   repeat.
+4. Labels or arguments that differ between ranks (hashes differ) raise
+   ValueError on every rank.
 
 The statistics go through host memory unless the MPI library reports that
 it is CUDA-aware, in which case CuPy buffers are passed directly (after
@@ -24,6 +30,7 @@ synchronising the stream).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import sys
 from collections.abc import Callable
@@ -33,8 +40,8 @@ import numpy as np
 
 from ._merge import STATS_WIDTH
 
-HEADER = 4
-STATUS_OK, STATUS_RESHAPE, STATUS_ERROR = 0, 1, 2
+HEADER = 5
+STATUS_OK, STATUS_RESHAPE, STATUS_ERROR, STATUS_STALE_ERROR = 0, 1, 2, 3
 
 _LAUNCHER_SIZE_VARS = (
     "PMI_SIZE",  # MPICH / Hydra, Intel MPI
@@ -138,13 +145,36 @@ def _shape_cache(comm: Any) -> dict[str, Any]:
     return state
 
 
+def _mix(z: Any, xp: Any) -> Any:
+    """SplitMix64 finaliser on a uint64 array (wraps around)."""
+    z = z ^ (z >> xp.uint64(30))
+    z = z * xp.uint64(0xBF58476D1CE4E5B9)
+    z = z ^ (z >> xp.uint64(27))
+    z = z * xp.uint64(0x94D049BB133111EB)
+    return z ^ (z >> xp.uint64(31))
+
+
 def label_checksum(label: Any, xp: Any) -> int:
-    """Order-sensitive int64 checksum of the labels (wraps around)."""
+    """Hash of the labels and their positions, as an int64.
+
+    Each (row, label) pair is mixed by a 64-bit finaliser before the sum,
+    so different label vectors collide with probability about 2**-64
+    (a linear checksum is fooled by swapping values between rows).
+    """
     n = label.shape[0]
     if n == 0:
         return 0
-    weights = xp.arange(1, 2 * n, 2, dtype=xp.int64)
-    return int((label.astype(xp.int64) * weights).sum())
+    z = label.astype(xp.int64).astype(xp.uint64)
+    z = z * xp.uint64(0x9E3779B97F4A7C15)
+    z = z + xp.arange(1, n + 1, dtype=xp.uint64)
+    total = _mix(z, xp).sum(dtype=xp.uint64)
+    return int(np.asarray(int(total), dtype=np.uint64).view(np.int64))
+
+
+def arguments_hash(*values: Any) -> int:
+    """int64 hash of the ``repr`` of the arguments ranks must share."""
+    digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def _raise_agreed(comm: Any, headers: np.ndarray, local: Exception | None):
@@ -168,6 +198,7 @@ def exchange(
     n: int,
     c_local: int,
     checksum: int,
+    params: int,
     local_error: Exception | None,
     compute: Callable[[int, int], Any],
     xp: Any,
@@ -182,6 +213,8 @@ def exchange(
         This rank's rows and classes.
     checksum : int
         :func:`label_checksum` of this rank's labels.
+    params : int
+        :func:`arguments_hash` of the arguments every rank must share.
     local_error : Exception or None
         An error this rank found before communicating.
     compute : callable
@@ -207,6 +240,7 @@ def exchange(
     on_device = xp is not np and mpi_is_cuda_aware()
     bxp = xp if on_device else np
     computed: dict[int, Any] = {}
+    stale_error: Exception | None = None
     for _ in range(2):
         n_buf = cache["n"] or 0
         steady = (
@@ -230,10 +264,12 @@ def exchange(
                     ).ravel()
                 status = STATUS_OK
             except Exception as exc:  # reported to every rank below
-                local_error = exc
+                status, stale_error = STATUS_STALE_ERROR, exc
         if local_error is not None:
             status = STATUS_ERROR
-        header = np.array([status, n, c_local, checksum], dtype=np.int64)
+        header = np.array(
+            [status, n, c_local, checksum, params], dtype=np.int64
+        )
         send[:HEADER] = bxp.asarray(header.view(np.float64))
         recv = bxp.empty((size, send.size), dtype=np.float64)
         if on_device:
@@ -241,9 +277,17 @@ def exchange(
         comm.Allgather(send, recv)
         heads = recv[:, :HEADER].get() if on_device else recv[:, :HEADER]
         heads = np.ascontiguousarray(heads).view(np.int64)
-        statuses, ns, cs, sums = heads.T
+        statuses, ns, cs, sums, hashes = heads.T
         if (statuses == STATUS_ERROR).any():
             _raise_agreed(comm, heads, local_error)
+        if (hashes != hashes[0]).any():
+            raise ValueError(
+                "logits dtype, margin1, margin2, margin3, scale and "
+                "reduction: expected the same on every rank, got "
+                "different ones on ranks "
+                f"{np.flatnonzero(hashes != hashes[0]).tolist()} than on "
+                "rank 0"
+            )
         if (ns != ns[0]).any():
             raise ValueError(
                 "logits: expected the same number of rows N on every rank, "
@@ -253,6 +297,11 @@ def exchange(
             raise ValueError(
                 "logits: expected at least one class over all ranks, got 0"
             )
+        changed = cache["n"] != int(ns[0]) or cache["cs"] != tuple(
+            int(c) for c in cs
+        )
+        if (statuses == STATUS_STALE_ERROR).any() and not changed:
+            _raise_agreed(comm, heads, stale_error)
         if (statuses == STATUS_OK).all():
             if (sums != sums[0]).any():
                 raise ValueError(
@@ -263,4 +312,5 @@ def exchange(
             start = int(cs[:rank].sum())
             return stats, start, int(cs.sum())
         cache["n"], cache["cs"] = int(ns[0]), tuple(int(c) for c in cs)
+        stale_error = None
     raise RuntimeError("shape agreement did not settle")  # pragma: no cover

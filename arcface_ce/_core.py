@@ -45,6 +45,12 @@ def _array_module(a: Any) -> Any:
     return np
 
 
+def _bounds(a: Any) -> tuple[int, int]:
+    """Byte range ``[start, end)`` of a C-contiguous NumPy or CuPy array."""
+    ptr = a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
+    return ptr, ptr + a.nbytes
+
+
 def _backend(xp: Any) -> Any:
     emulate = xp is np
     if emulate and os.environ.get("ARCFACE_CE_EMULATE", "0") in ("", "0"):
@@ -99,9 +105,17 @@ class _Call:
         kind = label.dtype.kind
         if kind not in "iu" or label.dtype == np.bool_:
             raise TypeError(
-                "label: expected an integer dtype (int32 or int64), got "
-                f"{label.dtype.name}"
+                "label: expected an integer dtype (int32 and int64 are used "
+                f"as they are, others converted), got {label.dtype.name}"
             )
+        if label.dtype == np.uint64 and label.size:
+            big = int(label.max())
+            if big > np.iinfo(np.int64).max:
+                row = int(xp.argmax(label.reshape(-1) == big))
+                raise LabelError(
+                    "label: expected class ids in [0, total classes), got "
+                    f"{big} at row {row}"
+                )
         lead = tuple(logits.shape[:-1])
         if tuple(label.shape) not in (lead, lead + (1,)):
             raise ValueError(
@@ -133,7 +147,7 @@ class _Call:
         """``out`` as a ``[N, C]`` view, or a fresh array."""
         if out is None:
             return self.xp.empty_like(self.logits)
-        if _array_module(out) is not self.xp:
+        if not hasattr(out, "dtype") or _array_module(out) is not self.xp:
             raise TypeError(
                 f"out: expected a {self.xp.__name__} array like logits, got "
                 f"{type(out).__module__}.{type(out).__name__}"
@@ -149,14 +163,33 @@ class _Call:
                 f"got shape {tuple(out.shape)}"
                 + ("" if out.flags.c_contiguous else " (not contiguous)")
             )
-        return out.reshape(self.n, self.c)
+        out = out.reshape(self.n, self.c)
+        a0, a1 = _bounds(out)
+        b0, b1 = _bounds(self.logits)
+        if a0 < b1 and b0 < a1 and (a0, a1) != (b0, b1):
+            raise ValueError(
+                "out: expected logits itself (in place) or an array that "
+                "does not overlap it, got one that partly overlaps logits"
+            )
+        return out
 
     def upstream(self, grad_loss: Any) -> Any:
         """Per-row upstream gradient ``g_i``, float64 ``[N]``."""
         xp, n = self.xp, self.n
         if grad_loss is None:
             g = xp.ones(n, dtype=np.float64)
-        elif self.reduction == "none" and np.ndim(grad_loss) > 0:
+            if self.reduction == "mean" and n:
+                g = g / n
+            return g
+        dtype = getattr(grad_loss, "dtype", None)
+        if dtype is None:
+            dtype = np.asarray(grad_loss).dtype
+        if dtype.kind not in "iuf" or isinstance(grad_loss, bool):
+            raise TypeError(
+                "grad_loss: expected a real number or array, got "
+                f"{type(grad_loss).__name__} ({dtype.name})"
+            )
+        if self.reduction == "none" and np.ndim(grad_loss) > 0:
             g = xp.asarray(grad_loss, dtype=np.float64)
             if tuple(g.shape) not in ((n,), (n, 1)):
                 raise ValueError(
@@ -214,12 +247,20 @@ def _forward(
             return stats
 
         if call is None:
-            shape, checksum, xp = (0, 0), 0, np
+            shape, checksum, params, xp = (0, 0), 0, 0, np
         else:
             shape, xp = (call.n, call.c), call.xp
             checksum = _comm.label_checksum(call.label, xp)
+            params = _comm.arguments_hash(
+                call.logits.dtype.name,
+                call.m1,
+                call.m2,
+                call.m3,
+                call.scale,
+                call.reduction,
+            )
         gathered, start, total = _comm.exchange(
-            comm, *shape, checksum, error, compute, xp
+            comm, *shape, checksum, params, error, compute, xp
         )
         if call is None:  # pragma: no cover - exchange raised
             raise RuntimeError("exchange returned after a local error")
@@ -304,22 +345,41 @@ def _check_owners(call: _Call, merged: Any, total: int, xp: Any) -> None:
 
 def _reduce(call: _Call, loss_rows: Any) -> Any:
     xp, dtype = call.xp, call.logits.dtype
-    if call.reduction == "none":
-        return loss_rows.reshape(call.n, 1).astype(dtype)
-    total = loss_rows.sum()
-    if call.reduction == "mean":
-        total = total / call.n if call.n else xp.asarray(np.nan)
-    return xp.asarray(total).astype(dtype)
+    # A loss beyond float16's range becomes inf, without a warning.
+    with np.errstate(over="ignore"):
+        if call.reduction == "none":
+            return loss_rows.reshape(call.n, 1).astype(dtype)
+        total = loss_rows.sum()
+        if call.reduction == "mean":
+            total = total / call.n if call.n else xp.asarray(np.nan)
+        return xp.asarray(total).astype(dtype)
 
 
 def _prepare(logits, label, margins, scale, reduction, group):
-    """Validate locally; under MPI an error is only raised collectively."""
+    """Validate locally; under MPI an error is only raised collectively.
+
+    Any exception counts (not only the TypeError/ValueError of the checks):
+    under MPI a rank that raised on its own would leave the others waiting
+    in the collective.
+    """
     try:
         return _Call(logits, label, margins, scale, reduction), None
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:
         if _comm.resolve_group(group) is None:
             raise
         return None, exc
+
+
+def _guarded(call, error, group, check):
+    """Run ``check()`` on a valid call; under MPI, keep its error."""
+    if call is None:
+        return None, error, None
+    try:
+        return call, None, check()
+    except Exception as exc:
+        if _comm.resolve_group(group) is None:
+            raise
+        return None, exc, None
 
 
 def margin_cross_entropy(
@@ -390,14 +450,21 @@ def margin_cross_entropy(
     >>> x = np.array([[0.9, 0.1, -0.2]])
     >>> float(margin_cross_entropy(x, np.array([0]), group=False))
     ... # doctest: +ELLIPSIS
-    1.33...e-10
+    4.31...e-14
     """
     call, error = _prepare(
         logits, label, (margin1, margin2, margin3), scale, reduction, group
     )
-    out = None
-    if call is not None and return_softmax:
-        out = call.xp.empty_like(call.logits)
+
+    def softmax_out() -> Any:
+        if not isinstance(return_softmax, (bool, np.bool_)):
+            raise TypeError(
+                "return_softmax: expected a bool, got "
+                f"{type(return_softmax).__name__}"
+            )
+        return call.xp.empty_like(call.logits) if return_softmax else None
+
+    call, error, out = _guarded(call, error, group, softmax_out)
     call, merged, state, start = _forward(call, error, group, out)
     loss = _reduce(call, merged.loss)
     if out is None:
@@ -478,15 +545,14 @@ def margin_cross_entropy_and_grad(
     call, error = _prepare(
         logits, label, (margin1, margin2, margin3), scale, reduction, group
     )
-    grad_rows = None
-    if call is not None:
-        try:
-            grad_rows = call.upstream(grad_loss)
-            out = call.output(out)
-        except (TypeError, ValueError) as exc:
-            if _comm.resolve_group(group) is None:
-                raise
-            call, error = None, exc
+    user_out = out
+    call, error, checked = _guarded(
+        call,
+        error,
+        group,
+        lambda: (call.upstream(grad_loss), call.output(user_out)),
+    )
+    grad_rows, out = checked if checked is not None else (None, None)
     call, merged, state, start = _forward(call, error, group, out, grad_rows)
     loss = _reduce(call, merged.loss)
     if call.n:
@@ -506,6 +572,8 @@ def margin_cross_entropy_and_grad(
             call.scale,
             state,
         )
+    if user_out is not None:
+        return loss, user_out
     return loss, out.reshape(call.shape)
 
 

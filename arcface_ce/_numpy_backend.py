@@ -4,9 +4,10 @@ Work is split into blocks of whole rows small enough to stay in the L2
 cache (``BLOCK_BYTES``), spread over a thread pool: NumPy releases the GIL
 inside ufuncs, so the blocks run on every core. Per block:
 
-1. ``max`` of the raw logits (the only read of the block from memory);
-2. ``buf = scale * x`` into a cache-resident buffer (or, for float32 and
-   float64 output, straight into the caller's output block);
+1. ``buf = scale * x`` into a cache-resident buffer (or, for float32 and
+   float64 output, straight into the caller's output block): the only
+   read of the block from memory;
+2. the shift: the row maximum of ``buf`` without the target;
 3. ``buf -= shift`` then ``exp`` in place, one exponential per element;
 4. the target column is zeroed and the row sums taken.
 
@@ -249,27 +250,40 @@ class NumpyBackend:
         def block(r0: int, r1: int) -> None:
             x = logits[r0:r1]
             buf = out[r0:r1] if fused else _scratch(r1 - r0, c, acc)
-            # 1. The row maximum of the raw logits; scale > 0, so scaling
-            #    it gives the maximum of the scaled ones. It includes the
-            #    raw target, which only makes the shift larger: any shift
-            #    above every term keeps exp() from overflowing.
-            shift = x.max(axis=1).astype(acc) * acc(scale)
-            shift[~np.isfinite(shift)] = 0.0
-            # 2. buf = scale * x - shift <= 0, clamped at `floor` so that
-            #    neither exp() nor the write pass produce subnormals (slow
-            #    by two orders of magnitude on x86); see _floor.
-            if x.dtype == acc:
-                np.multiply(x, acc(scale), out=buf)
-            else:
-                np.copyto(buf, x, casting="unsafe")
-                buf *= acc(scale)
-            buf -= shift[:, None]
-            np.clip(buf, floor, 0.0, out=buf)
-            # 3. One exponential per element.
-            np.exp(buf, out=buf)
-            # 4. The target is summed separately (merge step 3): zero it.
-            _zero_targets(buf, target_col[r0:r1])
-            settle(r0, r1, shift, _row_sums(buf))
+            # Infinite or huge logits make their row NaN by design (inf -
+            # inf): no warning.
+            with np.errstate(invalid="ignore", over="ignore"):
+                # 1. buf = scale * x, then the row maximum of its
+                #    non-target entries: the target's raw value is not the
+                #    logit it contributes (the margin lowers it), so it
+                #    must not set the shift (see the compiled kernels).
+                if x.dtype == acc:
+                    np.multiply(x, acc(scale), out=buf)
+                else:
+                    np.copyto(buf, x, casting="unsafe")
+                    buf *= acc(scale)
+                tcol = target_col[r0:r1]
+                hit = np.flatnonzero(tcol >= 0)
+                buf[hit, tcol[hit]] = -np.inf
+                shift = buf.max(axis=1)
+                # No finite non-target logit: computed with shift 0, then
+                # reported as (-inf, 0), exactly no mass (the clamp would
+                # invent some). +inf stays, making the row NaN (inf - inf),
+                # as the compiled and CUDA kernels do.
+                dead = np.flatnonzero(shift == -np.inf)
+                shift[dead] = 0.0
+                # 2. buf - shift <= 0, clamped at `floor` so that neither
+                #    exp() nor the write pass produce subnormals (slow by
+                #    two orders of magnitude on x86); see _floor.
+                buf -= shift[:, None]
+                np.clip(buf, floor, 0.0, out=buf)
+                # 3. One exponential per element.
+                np.exp(buf, out=buf)
+                # 4. The target is summed separately (merge step 3).
+                _zero_targets(buf, tcol)
+                sums = _row_sums(buf)
+                sums[dead], shift[dead], buf[dead] = 0.0, -np.inf, 0.0
+                settle(r0, r1, shift, sums)
 
         return block
 
@@ -282,7 +296,7 @@ class NumpyBackend:
         if state.fused:
             # ob holds exp(max(scale * x - shift, floor)); rescale rows
             # whose factor keeps every product a normal number.
-            with np.errstate(over="ignore"):
+            with np.errstate(over="ignore", invalid="ignore"):
                 factor = row_a * np.exp(shift.astype(np.float64) - row_max)
             ok = (np.abs(factor) >= FACTOR_MIN) | (factor == 0)
             if ok.all() or state.inplace:
@@ -320,7 +334,8 @@ class NumpyBackend:
         # exponent clamped, so small results are never subnormal.
         buf = _scratch(todo.size, logits.shape[1], acc)
         np.copyto(buf, logits[r0:r1][todo], casting="unsafe")
-        buf *= acc(scale)
+        with np.errstate(over="ignore"):  # huge logits: a NaN row anyway
+            buf *= acc(scale)
         with np.errstate(divide="ignore"):
             offset = np.log(np.abs(row_a[todo])) - row_max[todo]
         buf += offset.astype(acc)[:, None]

@@ -6,7 +6,8 @@
 // They do exactly what the NumPy block code of _numpy_backend.py does, in
 // one pass over each row instead of six ufunc calls:
 //
-//   shift  = scale * max_j x[j]            (0 when not finite)
+//   shift  = scale * max_{j != t} x[j]     (-inf, with sumexp 0, when
+//                                           no such x[j] is finite)
 //   e[j]   = exp(min(max(scale * x[j] - shift, floor), 0))
 //   e[t]   = 0                              (t = the row's target column)
 //   sumexp = sum_j e[j]
@@ -204,8 +205,29 @@ void stats(const TIn* x, int64_t ldx, int64_t rows, int64_t c,
     T tmp[kChunk];
     for (int64_t i = 0; i < rows; ++i) {
         const TIn* xr = x + i * ldx;
-        T shift = row_max<T>(xr, c) * scale;
-        if (!std::isfinite(shift)) shift = T(0);
+        // The max skips the target, whose raw value may be anything (it is
+        // clamped to a cosine before use): an infinite target must not
+        // make the row's shift infinite.
+        const int64_t t = tcol[i];
+        T m;
+        if (t >= 0 && t < c) {
+            T a = row_max<T>(xr, t), b = row_max<T>(xr + t + 1, c - t - 1);
+            m = a > b ? a : b;
+        } else {
+            m = row_max<T>(xr, c);
+        }
+        if (m == -INFINITY) {
+            // No finite non-target logit: exactly no mass, (-inf, 0) as
+            // from a rank without columns (the clamp would invent some).
+            shift_out[i] = -INFINITY;
+            sum_out[i] = 0.0;
+            if (ex)
+                for (int64_t j = 0; j < c; ++j) ex[i * ldex + j] = T(0);
+            continue;
+        }
+        // +inf (an infinite logit, or scale * x overflowing) is kept:
+        // inf - inf makes the row's sum NaN, and so its loss and gradient.
+        T shift = m * scale;
         double sum = 0.0;
         for (int64_t j0 = 0; j0 < c; j0 += kChunk) {
             int64_t len = c - j0 < kChunk ? c - j0 : kChunk;

@@ -262,3 +262,82 @@ def test_narrow_rounds_to_nearest_even(name: str) -> None:
         f"{bad.size} values differ, first: {x[~nan][bad[:5]]!r} -> "
         f"{got[~nan][bad[:5]]!r}, expected {want_bits[bad[:5]]!r}"
     )
+
+
+@pytest.mark.parametrize("value", [np.inf, 5e37], ids=["inf", "overflow"])
+def test_infinite_off_target_logit_gives_nan_row(
+    backend: str, value: float
+) -> None:
+    """+inf, or a float32 logit whose scaled value overflows: the row's
+    loss is infinite, so its loss and gradient are NaN on every backend
+    (never a small finite number); the other rows are untouched."""
+    logits, label = make(3, 40, np.float32, seed=16)
+    logits[1, (label[1] + 3) % 40] = value
+    loss, grad = margin_cross_entropy_and_grad(
+        logits, label, group=False, reduction="none"
+    )
+    rows = np.asarray(loss).reshape(-1)
+    assert np.isnan(rows[1]) and np.isnan(grad[1]).all()
+    keep = [0, 2]
+    ref = margin_ce_reference(
+        logits[keep], label[keep], reduction="none", **MARGINS
+    )
+    tol = tolerances(np.float32, 64.0)
+    assert_close(rows[keep], ref.rows, *tol["loss"], "other rows' loss")
+    assert_close(grad[keep], ref.grad, *tol["grad"], "other rows' grad")
+
+
+def test_infinite_target_logit_is_clamped(backend: str) -> None:
+    """The target is clamped to a cosine before use, so +inf there is
+    x = 1: a finite loss, equal to the reference's at x = 1."""
+    logits, label = make(3, 40, np.float32, seed=17)
+    logits[1, label[1]] = np.inf
+    loss, grad = margin_cross_entropy_and_grad(
+        logits, label, group=False, reduction="none"
+    )
+    clamped = logits.copy()
+    clamped[1, label[1]] = 1.0
+    ref = margin_ce_reference(clamped, label, reduction="none", **MARGINS)
+    tol = tolerances(np.float32, 64.0)
+    assert_close(loss, ref.loss, *tol["loss"], "loss")
+    off = np.ones(logits.shape, dtype=bool)
+    off[np.arange(3), label] = False
+    assert_close(grad[off], ref.grad[off], *tol["grad"], "off-target grad")
+    assert np.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("scale", [64.0, 10_000.0])
+def test_target_far_above_the_rest(backend: str, dtype: Any, scale: float):
+    """The raw target is the row maximum but its margin logit is far below
+    it: the shift must come from the other logits, or the clamped terms
+    would dominate the sum (loss ~ 2000 instead of ~ 0)."""
+    logits = np.array([[0.95, -0.5, -0.5, -0.5], [0.1, 0.2, 0.3, 0.4]])
+    logits = logits.astype(dtype)
+    label = np.array([0, 2])
+    loss, grad = margin_cross_entropy_and_grad(
+        logits, label, group=False, scale=scale, reduction="none"
+    )
+    check(logits, label, loss, grad, reduction="none", scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_no_finite_off_target_logit(backend: str, dtype: Any) -> None:
+    """A row whose other logits are all -inf has loss 0 and gradient 0."""
+    logits, label = make(3, 20, dtype, seed=18)
+    keep = logits[1, label[1]]
+    logits[1] = -np.inf
+    logits[1, label[1]] = keep
+    loss, grad = margin_cross_entropy_and_grad(
+        logits, label, group=False, reduction="none"
+    )
+    assert loss[1, 0] == 0 and (grad[1] == 0).all()
+    # (the reference is not written for -inf rows: check the others)
+    keep_rows = [0, 2]
+    check(
+        logits[keep_rows],
+        label[keep_rows],
+        loss[keep_rows],
+        grad[keep_rows],
+        reduction="none",
+    )

@@ -165,3 +165,76 @@ def test_grad_loss_wrong_shape(reduction: Any, shape: tuple) -> None:
             reduction=reduction,
             grad_loss=grad_loss,
         )
+
+
+@pytest.mark.parametrize("grad_loss", ["a", 1j, np.array([1j] * N), True])
+def test_grad_loss_not_real(grad_loss: Any) -> None:
+    logits, label = inputs()
+    with pytest.raises(TypeError, match=all_of("grad_loss:", "expected")):
+        margin_cross_entropy_and_grad(
+            logits, label, group=False, reduction="none", grad_loss=grad_loss
+        )
+
+
+@pytest.mark.parametrize("flag", ["yes", 1, None])
+def test_return_softmax_not_bool(flag: Any) -> None:
+    logits, label = inputs()
+    with pytest.raises(TypeError, match=all_of("return_softmax:", "bool")):
+        margin_cross_entropy(logits, label, group=False, return_softmax=flag)
+
+
+# -------------------------------------------------------------------- out
+
+
+@pytest.mark.parametrize(
+    ("out", "error"),
+    [([[0.0]], TypeError), (np.zeros((N, C), np.float32), TypeError)],
+    ids=["list", "dtype"],
+)
+def test_out_wrong_kind(out: Any, error: type) -> None:
+    logits, label = inputs()
+    with pytest.raises(error, match="out:"):
+        margin_cross_entropy_and_grad(logits, label, group=False, out=out)
+
+
+def test_out_partly_overlapping_logits() -> None:
+    logits, label = inputs()
+    buf = np.zeros(N * C + 5)
+    x = buf[: N * C].reshape(N, C)
+    x[...] = logits
+    out = buf[5:].reshape(N, C)
+    with pytest.raises(ValueError, match=all_of("out:", "overlaps")):
+        margin_cross_entropy_and_grad(x, label, group=False, out=out)
+
+
+def test_out_is_returned_itself() -> None:
+    logits, label = inputs()
+    out = np.empty_like(logits)
+    _, grad = margin_cross_entropy_and_grad(
+        logits, label, group=False, out=out
+    )
+    assert grad is out
+    _, grad = margin_cross_entropy_and_grad(
+        logits, label, group=False, out=logits
+    )
+    assert grad is logits
+
+
+def test_uint64_label_beyond_int64() -> None:
+    logits, label = inputs()
+    label = label.astype(np.uint64)
+    label[2] = np.iinfo(np.uint64).max
+    with pytest.raises(
+        arcface_ce.LabelError, match=all_of("label:", "18446744073709551615")
+    ):
+        margin_cross_entropy(logits, label, group=False)
+
+
+def test_float16_loss_beyond_range_is_inf_without_warning() -> None:
+    # filterwarnings = error: a RuntimeWarning here fails the test.
+    logits = np.full((2, 3), -1.0, dtype=np.float16)
+    logits[:, 1:] = 1.0
+    loss = margin_cross_entropy(
+        logits, np.array([0, 0]), group=False, scale=40_000.0, reduction="none"
+    )
+    assert np.isinf(loss).all()

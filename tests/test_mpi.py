@@ -289,18 +289,102 @@ def test_bad_reduction_on_one_rank(world: Any) -> None:
     _next_call_works(world)
 
 
-def test_mixed_float_dtypes_agree(world: Any) -> None:
-    # float32 on rank 0, float64 elsewhere: the contract does not say which
-    # outcome, but all ranks must agree (all raise or none) and not hang.
+def test_mixed_float_dtypes_raise_everywhere(world: Any) -> None:
+    # float32 on rank 0, float64 elsewhere: the ranks could not return
+    # identical bits, so every rank raises ValueError.
     p = Problem(world, shards_for(world.size, 0), seed=11)
     logits = p.local.astype(np.float32) if world.rank == 0 else p.local
-    try:
+    with pytest.raises(ValueError, match="same on every rank"):
         margin_cross_entropy(logits, p.label, group=world)
-        raised = 0
-    except (TypeError, ValueError):
-        raised = 1
-    outcomes = world.allgather(raised)
-    assert len(set(outcomes)) == 1, f"raised per rank: {outcomes}"
+    _next_call_works(world)
+
+
+@pytest.mark.parametrize(
+    "argument",
+    [
+        {"scale": 30.0},
+        {"margin2": 0.3},
+        {"margin1": 1.35},
+        {"reduction": "sum"},
+    ],
+    ids=["scale", "margin2", "margin1", "reduction"],
+)
+def test_arguments_differ_on_one_rank(world: Any, argument: dict) -> None:
+    p = Problem(world, shards_for(world.size, 1), seed=21)
+    kwargs = argument if world.rank == world.size - 1 else {}
+    with pytest.raises(ValueError, match="same on every rank"):
+        margin_cross_entropy_and_grad(p.local, p.label, group=world, **kwargs)
+    _next_call_works(world)
+
+
+def test_labels_that_fool_a_linear_checksum(world: Any) -> None:
+    # [1, 7] and [4, 6] have the same sum of label * (2i + 1); with 2 of
+    # 8 classes per rank each row still has exactly one owner.
+    # (With more ranks a row may get two owners instead: also ValueError.)
+    shards = [
+        8 // world.size + (r < 8 % world.size) for r in range(world.size)
+    ]
+    p = Problem(world, shards, n=2, seed=22)
+    label = np.array([1, 7]) if world.rank == 0 else np.array([4, 6])
+    match = "same labels" if world.size == 2 else None
+    with pytest.raises(ValueError, match=match):
+        margin_cross_entropy(p.local, label, group=world)
+    _next_call_works(world)
+
+
+def test_class_split_changes_back_to_a_cached_one(world: Any) -> None:
+    # Rank 0's class count changes while the others' stay: their cached
+    # total is stale, and a label valid under the new total must not be
+    # rejected against the old one.
+    rng = np.random.default_rng(23)
+    for first in (5, 3, 5, 2, 5):
+        shards = [first] + [5] * (world.size - 1)
+        total = sum(shards)
+        full = rng.uniform(-1, 1, (4, total)).astype(np.float64)
+        label = np.array([total - 1, 0, total // 2, 1])
+        start = sum(shards[: world.rank])
+        local = np.ascontiguousarray(
+            full[:, start : start + shards[world.rank]]
+        )
+        loss = margin_cross_entropy(local, label, group=world)
+        ref = margin_ce_reference(full, label)
+        assert_close(
+            loss,
+            ref.loss,
+            *tolerances(np.float64, 64.0)["loss"],
+            what=f"loss with shards {shards}",
+        )
+
+
+@pytest.mark.parametrize(
+    "bad", ["out_list", "out_overlap", "softmax_flag", "grad_loss_str"]
+)
+def test_bad_optional_argument_on_one_rank(world: Any, bad: str) -> None:
+    p = Problem(world, shards_for(world.size, 0), seed=24)
+    odd = world.rank == world.size - 1
+    with pytest.raises((TypeError, ValueError)):
+        if bad == "softmax_flag":
+            margin_cross_entropy(
+                p.local,
+                p.label,
+                group=world,
+                return_softmax="yes" if odd else True,
+            )
+        elif bad == "grad_loss_str":
+            margin_cross_entropy_and_grad(
+                p.local, p.label, group=world, grad_loss="a" if odd else 1.0
+            )
+        else:
+            big = np.zeros(p.local.size + 3, dtype=p.local.dtype)
+            logits = big[: p.local.size].reshape(p.local.shape)
+            logits[...] = p.local
+            if bad == "out_list":
+                out: Any = [[0.0]] if odd else None
+            else:
+                out = big[3:].reshape(p.local.shape) if odd else None
+            margin_cross_entropy_and_grad(
+                logits, p.label, group=world, out=out
+            )
     _next_call_works(world)
 
 
