@@ -49,6 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._comm import resolve_group
+from ._core import _real
 
 __all__ = ["MarginHead", "allgather_rows", "split_classes"]
 
@@ -331,20 +332,30 @@ class MarginHead:
         eps: float = 1e-12,
     ) -> None:
         self.comm: Any = resolve_group(group)
-        self.margin1 = float(margin1)
-        self.margin2 = float(margin2)
-        self.margin3 = float(margin3)
-        self.scale = float(scale)
-        self.eps = float(eps)
+        # Every check is local; under MPI the first error is raised on
+        # every rank before anyone waits in a collective.
         error: Exception | None = None
-        if np.ndim(weight) != 2:
-            error = ValueError(
-                f"weight: expected shape (D, C), got {np.shape(weight)}"
-            )
-        elif not _is_float(weight.dtype):
-            error = TypeError(
-                f"weight: expected a float dtype, got {weight.dtype}"
-            )
+        try:
+            self.margin1 = _real("margin1", margin1)
+            self.margin2 = _real("margin2", margin2)
+            self.margin3 = _real("margin3", margin3)
+            self.scale = _real("scale", scale, positive=True)
+            self.eps = _real("eps", eps, positive=True)
+            if not hasattr(weight, "dtype"):
+                error = TypeError(
+                    "weight: expected a NumPy or CuPy array, got "
+                    f"{type(weight).__name__}"
+                )
+            elif np.ndim(weight) != 2:
+                error = ValueError(
+                    f"weight: expected shape (D, C), got {np.shape(weight)}"
+                )
+            elif not _is_float(weight.dtype):
+                error = TypeError(
+                    f"weight: expected a float dtype, got {weight.dtype}"
+                )
+        except (TypeError, ValueError) as exc:
+            error = exc
         if self.comm is None:
             if error is not None:
                 raise error
@@ -368,8 +379,19 @@ class MarginHead:
         self._rank = rank
 
     # ------------------------------------------------------------------
-    def _check_batch(self, features: Any, labels: Any) -> Exception | None:
+    def _check_batch(
+        self, features: Any, labels: Any, reduction: str = "mean"
+    ) -> Exception | None:
         """This rank's argument error, or None (not raised here)."""
+        if reduction not in _REDUCTIONS:
+            return ValueError(
+                f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}"
+            )
+        if not hasattr(features, "dtype"):
+            return TypeError(
+                "features: expected a NumPy or CuPy array, got "
+                f"{type(features).__name__}"
+            )
         d = self.weight.shape[0]
         if np.ndim(features) != 2 or features.shape[1] != d:
             return ValueError(
@@ -395,13 +417,21 @@ class MarginHead:
         return None
 
     def _gather(
-        self, features: Any, labels: Any, gather: bool = True
+        self,
+        features: Any,
+        labels: Any,
+        gather: bool = True,
+        reduction: str = "mean",
     ) -> tuple[Any, Any, int, list[int]]:
         """Global features (and labels), this rank's row offset, all n_r."""
         xp = _array_module(features)
-        if labels is not None and not hasattr(labels, "dtype"):
-            labels = xp.asarray(labels)
-        error = self._check_batch(features, labels)
+        error: Exception | None = None
+        try:
+            if labels is not None and not hasattr(labels, "dtype"):
+                labels = xp.asarray(labels)
+            error = self._check_batch(features, labels, reduction)
+        except Exception as exc:  # any local failure must reach every rank
+            error = exc
         if self.comm is None or not gather:
             if self.comm is not None:
                 _raise_agreed(self.comm, error)
@@ -476,12 +506,10 @@ class MarginHead:
         """
         from ._core import margin_cross_entropy_and_grad
 
-        if reduction not in _REDUCTIONS:
-            raise ValueError(
-                f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}"
-            )
         xp = _array_module(features)
-        feats, all_labels, offset, counts = self._gather(features, labels)
+        feats, all_labels, offset, counts = self._gather(
+            features, labels, reduction=reduction
+        )
         n_local = counts[self._rank]
         cos, f_hat, f_norm, w_hat, w_norm = self._cosines(feats, xp)
         dtype = self.weight.dtype

@@ -402,3 +402,31 @@ def test_bad_label_on_one_rank_raises_everywhere():
         labels[1] = 2 * comm.Get_size()
     with pytest.raises(ValueError, match=str(2 * comm.Get_size())):
         head.forward_backward(feats, labels)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    "bad", ["reduction", "features_list", "scale_str", "weight_list"]
+)
+def test_bad_argument_on_one_rank_raises_everywhere(bad):
+    comm = _world()
+    rank = comm.Get_rank()
+    odd = rank == comm.Get_size() - 1
+    feats, weight, labels = problem(13, n=4, d=6, c=2 * comm.Get_size())
+    shard = weight[:, 2 * rank : 2 * rank + 2].copy()
+    if bad in ("scale_str", "weight_list"):
+        kwargs = {"scale": "x"} if bad == "scale_str" and odd else {}
+        arg = shard.tolist() if bad == "weight_list" and odd else shard
+        with pytest.raises(TypeError, match="scale|weight"):
+            MarginHead(arg, group=comm, **kwargs)
+        return
+    head = MarginHead(shard, group=comm)
+    with pytest.raises((TypeError, ValueError), match="reduction|features"):
+        if bad == "reduction":
+            head.forward_backward(
+                feats, labels, reduction="avg" if odd else "mean"
+            )
+        else:
+            head.forward_backward(feats.tolist() if odd else feats, labels)
+    loss = head.forward_backward(feats, labels)[0]
+    assert len(set(comm.allgather(float(loss)))) == 1
