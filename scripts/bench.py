@@ -4,7 +4,7 @@
 Run from the repository root::
 
     python scripts/bench.py                 # default grid, ~2-3 min
-    python scripts/bench.py --quick         # ~30 s
+    python scripts/bench.py --quick         # seconds
     mpiexec -n 2 python scripts/bench.py    # classes split over 2 ranks
 
 What it does, in order:
@@ -130,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="small grid and few repeats (about 30 s)",
+        help="small grid and few repeats (seconds; longer with torch)",
     )
     p.add_argument("--N", type=_int_list, help="rows, e.g. 512,2048")
     p.add_argument(
