@@ -47,7 +47,10 @@ def _array_module(a: Any) -> Any:
 
 def _bounds(a: Any) -> tuple[int, int]:
     """Byte range ``[start, end)`` of a C-contiguous NumPy or CuPy array."""
-    ptr = a.data.ptr if hasattr(a.data, "ptr") else a.ctypes.data
+    if isinstance(a, np.ndarray):  # (a.data fails for ml_dtypes arrays)
+        ptr = int(a.__array_interface__["data"][0])
+    else:
+        ptr = int(a.data.ptr)
     return ptr, ptr + a.nbytes
 
 

@@ -162,6 +162,54 @@ __device__ __forceinline__ A saturate(A v) {
 }
 
 // ---------------------------------------------------------------------------
+// 16-byte loads and stores.
+//
+// Rows are read VEC elements at a time (four floats, two doubles, eight
+// halves or bfloat16s: one 128-bit transaction per thread) from the first
+// 16-byte boundary of the range on; the elements before it and the tail
+// after the last whole vector are read one by one. Under the CPU emulation
+// a misaligned vector access stops the launch with an error, as it would
+// fault on a GPU.
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct alignas(16) Pack {
+  static const int VEC = 16 / sizeof(T);
+  T v[VEC];
+};
+
+template <typename T>
+__device__ __forceinline__ void check_aligned(const T* p) {
+#ifdef ARCFACE_CE_EMULATE
+  if (reinterpret_cast<unsigned long long>(p) % 16 != 0) {
+    arcface_emu::fail("misaligned 16-byte access at %p",
+                      static_cast<const void*>(p));
+  }
+#else
+  (void)p;
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack(const T* p) {
+  check_aligned(p);
+  return *reinterpret_cast<const Pack<T>*>(p);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T>& v) {
+  check_aligned(p);
+  *reinterpret_cast<Pack<T>*>(p) = v;
+}
+
+// Elements of T from p to the next 16-byte boundary (0 when aligned).
+template <typename T>
+__device__ __forceinline__ long long head_elems(const T* p) {
+  const unsigned long long off = reinterpret_cast<unsigned long long>(p) % 16;
+  return off == 0 ? 0 : static_cast<long long>((16 - off) / sizeof(T));
+}
+
+// ---------------------------------------------------------------------------
 // Online max / sum of exponentials.
 //
 // A pair (m, s) stands for s = sum_k exp(z_k - m) over the values seen so
@@ -234,6 +282,42 @@ __device__ __forceinline__ void block_merge(A& m, A& s, A* shared_m,
   __syncthreads();
 }
 
+// Fold x[begin:end), except the target column yl, into (m, s): thread
+// `tid` of `nthreads` takes every nthreads-th element of the unaligned
+// head, every nthreads-th 16-byte vector of the aligned middle (each
+// thread reads whole vectors, consecutive threads consecutive vectors:
+// coalesced), and every nthreads-th element of the tail.
+template <typename T, typename A>
+__device__ __forceinline__ void fold_range(const T* x, long long begin,
+                                           long long end, long long yl,
+                                           long long tid, long long nthreads,
+                                           A scale, A& m, A& s) {
+  const int VEC = Pack<T>::VEC;
+  long long head = head_elems(x + begin);
+  head = begin + (head < end - begin ? head : end - begin);
+  for (long long j = begin + tid; j < head; j += nthreads) {
+    if (j != yl) {
+      online_add(scale * to_acc(x[j]), m, s);
+    }
+  }
+  const long long nvec = (end - head) / VEC;
+  for (long long k = tid; k < nvec; k += nthreads) {
+    const long long j0 = head + k * VEC;
+    const Pack<T> p = load_pack(x + j0);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      if (j0 + e != yl) {
+        online_add(scale * to_acc(p.v[e]), m, s);
+      }
+    }
+  }
+  for (long long j = head + nvec * VEC + tid; j < end; j += nthreads) {
+    if (j != yl) {
+      online_add(scale * to_acc(x[j]), m, s);
+    }
+  }
+}
+
 // Write the [4] stats of one row given its non-target pair (m, s).
 // The target is not part of (m, s): its margin-adjusted value z_t is kept
 // apart, so the merge across ranks can form the loss as
@@ -260,8 +344,8 @@ __device__ __forceinline__ void write_row_stats(
 // ---------------------------------------------------------------------------
 
 // Short rows: one warp per row, NUM_WARPS rows per block, rows in a
-// grid-stride loop. Lanes read consecutive columns (coalesced), keep their
-// own (m, s), and a butterfly merges the lanes. Launch: block BLOCK_SIZE,
+// grid-stride loop. Lanes read consecutive 16-byte vectors (coalesced, see
+// fold_range), keep their own (m, s), and a butterfly merges the lanes. Launch: block BLOCK_SIZE,
 // any grid.
 template <typename T, typename L>
 __global__ void mce_row_stats_warp(
@@ -284,11 +368,7 @@ __global__ void mce_row_stats_warp(
     const long long yl = (long long)label[row] - class_start;
     A m = neg_inf(a_scale);
     A s = A(0);
-    for (long long j = lane; j < C; j += WARP_SIZE) {
-      if (j != yl) {
-        online_add(a_scale * to_acc(x[j]), m, s);
-      }
-    }
+    fold_range(x, 0, C, yl, lane, WARP_SIZE, a_scale, m, s);
     warp_merge(m, s);
     if (lane == 0) {
       write_row_stats(stats + row * 4, x, yl, C, m, s, a_m1, a_m2, a_m3,
@@ -300,8 +380,9 @@ __global__ void mce_row_stats_warp(
 // Long rows, first step: block (blockIdx.x, blockIdx.y) reduces columns
 // [chunk * CHUNK_SIZE, (chunk + 1) * CHUNK_SIZE) of row blockIdx.y (and of
 // every gridDim.y-th row after it) to one (m, s) pair.
-// 1. Each thread folds the columns tid, tid + BLOCK_SIZE, ... of the chunk
-//    (coalesced) with online_add, skipping the target column.
+// 1. Each thread folds the vectors tid, tid + BLOCK_SIZE, ... of the chunk
+//    (coalesced 16-byte loads, see fold_range) with online_add, skipping
+//    the target column.
 // 2. block_merge combines the BLOCK_SIZE pairs in a fixed tree.
 // 3. Thread 0 stores the pair in partials[row, chunk, :].
 // Launch: block BLOCK_SIZE, grid (min(num_chunks, 2^31 - 1),
@@ -329,11 +410,7 @@ __global__ void mce_row_stats_chunk(
       const long long end = begin + CHUNK_SIZE < C ? begin + CHUNK_SIZE : C;
       A m = neg_inf(a_scale);
       A s = A(0);
-      for (long long j = begin + threadIdx.x; j < end; j += BLOCK_SIZE) {
-        if (j != yl) {
-          online_add(a_scale * to_acc(x[j]), m, s);
-        }
-      }
+      fold_range(x, begin, end, yl, threadIdx.x, BLOCK_SIZE, a_scale, m, s);
       block_merge(m, s, shared_m, shared_s);
       if (threadIdx.x == 0) {
         A* out = partials + (row * num_chunks + chunk) * 2;
@@ -376,14 +453,80 @@ __global__ void mce_row_stats_combine(
   }
 }
 
+// Grid-stride loop of mce_write over "slots" of V consecutive elements of
+// one row (V = 1, or V = Pack<T>::VEC when C is a multiple of it and both
+// arrays start on a 16-byte boundary, so every slot is one aligned vector).
+// The (row, slot) pair is advanced incrementally so only the first slot of
+// a thread pays for a 64-bit division.
+template <int V, typename T, typename L, typename A>
+__device__ __forceinline__ void write_slots(
+    T* __restrict__ out, const T* __restrict__ logits,
+    const L* __restrict__ label, long long class_start, long long N,
+    long long C, const double* __restrict__ row_max,
+    const double* __restrict__ row_a, const double* __restrict__ row_t,
+    int apply_dt, A m1, A m2, A scale) {
+  const long long per_row = C / V;
+  const long long total = N * per_row;
+  const long long stride = (long long)gridDim.x * BLOCK_SIZE;
+  long long idx = (long long)blockIdx.x * BLOCK_SIZE + threadIdx.x;
+  if (idx >= total) {
+    return;
+  }
+  long long row = idx / per_row;
+  long long slot = idx - row * per_row;
+  const long long row_step = stride / per_row;
+  const long long slot_step = stride - row_step * per_row;
+  long long cached_row = -1;
+  long long yl = 0;
+  A shift = A(0), a = A(0), t = A(0);
+  for (; idx < total; idx += stride) {
+    if (row != cached_row) {
+      cached_row = row;
+      yl = (long long)label[row] - class_start;
+      shift = A(row_max[row]);
+      a = A(row_a[row]);
+      t = A(row_t[row]);
+    }
+    const long long e0 = row * C + slot * V;
+    Pack<T> in, res;
+    if (V == 1) {
+      in.v[0] = logits[e0];
+    } else {
+      in = load_pack(logits + e0);
+    }
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const A x = to_acc(in.v[e]);
+      A value;
+      if (slot * V + e == yl) {
+        value = apply_dt ? saturate<T>(t * margin_dtdx(x, m1, m2)) : t;
+      } else {
+        value = a * acc_exp(scale * x - shift);
+      }
+      store(&res.v[e], value);
+    }
+    if (V == 1) {
+      out[e0] = res.v[0];
+    } else {
+      store_pack(out + e0, res);
+    }
+    slot += slot_step;
+    row += row_step;
+    if (slot >= per_row) {
+      slot -= per_row;
+      ++row;
+    }
+  }
+}
+
 // Softmax or gradient, elementwise over the N x C logits:
 //   out_ij   = row_a_i * exp(z_ij - row_max_i)           (j != yl)
 //   out_i,yl = row_t_i * (apply_dt ? dtdx(x_i,yl) : 1)   (owned target)
 // the target saturating at the largest finite value of T.
 // row_max_i >= every z_ij, so the exponent is <= 0 and cannot overflow.
-// Flat grid-stride loop over the N * C elements with 64-bit indices; the
-// (row, col) pair is advanced incrementally so only the first element of a
-// thread pays for a 64-bit division. Launch: block BLOCK_SIZE, any grid.
+// 16-byte loads and stores where C and the two arrays allow (see
+// write_slots), else one element at a time; 64-bit indices. Launch: block
+// BLOCK_SIZE, any grid.
 template <typename T, typename L>
 __global__ void mce_write(
     T* __restrict__ out,                 // [N, C] T, out
@@ -397,42 +540,14 @@ __global__ void mce_write(
     int apply_dt,                        // multiply the target by dtdx
     double m1, double m2, double m3, double scale) {
   typedef typename AccType<T>::type A;
-  const A a_m1 = A(m1), a_m2 = A(m2), a_scale = A(scale);
   (void)m3;  // the derivative does not depend on the cosine margin
-  const long long total = N * C;
-  const long long stride = (long long)gridDim.x * BLOCK_SIZE;
-  long long idx = (long long)blockIdx.x * BLOCK_SIZE + threadIdx.x;
-  if (idx >= total) {
-    return;
-  }
-  long long row = idx / C;
-  long long col = idx - row * C;
-  const long long row_step = stride / C;
-  const long long col_step = stride - row_step * C;
-  long long cached_row = -1;
-  long long yl = 0;
-  A shift = A(0), a = A(0), t = A(0);
-  for (; idx < total; idx += stride) {
-    if (row != cached_row) {
-      cached_row = row;
-      yl = (long long)label[row] - class_start;
-      shift = A(row_max[row]);
-      a = A(row_a[row]);
-      t = A(row_t[row]);
-    }
-    const A x = to_acc(logits[idx]);
-    A value;
-    if (col == yl) {
-      value = apply_dt ? saturate<T>(t * margin_dtdx(x, a_m1, a_m2)) : t;
-    } else {
-      value = a * acc_exp(a_scale * x - shift);
-    }
-    store(out + idx, value);
-    col += col_step;
-    row += row_step;
-    if (col >= C) {
-      col -= C;
-      ++row;
-    }
+  const int VEC = Pack<T>::VEC;
+  if (C % VEC == 0 && head_elems(out) == 0 && head_elems(logits) == 0) {
+    write_slots<Pack<T>::VEC>(out, logits, label, class_start, N, C,
+                              row_max, row_a, row_t, apply_dt, A(m1), A(m2),
+                              A(scale));
+  } else {
+    write_slots<1>(out, logits, label, class_start, N, C, row_max, row_a,
+                   row_t, apply_dt, A(m1), A(m2), A(scale));
   }
 }

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import assert_close, tolerances
+from conftest import FLOAT_DTYPES, assert_close, tolerances
 from reference import margin_ce_reference
 
 from arcface_ce import (
@@ -357,3 +357,40 @@ def test_long_row_sum_accuracy(
     ref = float(margin_ce_reference(logits, label, **MARGINS).loss)
     ulp = float(np.spacing(np.float32(ref)))
     assert abs(float(loss) - ref) <= 2 * ulp, (float(loss), ref, ulp)
+
+
+@pytest.mark.parametrize(
+    "dtype", FLOAT_DTYPES, ids=[dt.name for dt in FLOAT_DTYPES]
+)
+@pytest.mark.parametrize("offset", [0, 1, 3], ids=["aligned", "off1", "off3"])
+@pytest.mark.parametrize("c", [8, 16, 24, 40, 4096, 4104])
+def test_vector_paths(backend: str, dtype: Any, offset: int, c: int) -> None:
+    """Row lengths that are whole 16-byte vectors for every dtype (the
+    CUDA kernels' vector loads and stores), with the arrays starting on a
+    16-byte boundary or 1 or 3 elements past one (unaligned head, scalar
+    write), forward, softmax, gradient and in place."""
+    n = 5
+    rng = np.random.default_rng(c * 10 + offset)
+    buf = np.empty(n * c + offset + 8, dtype=dtype)
+    base = (-buf.ctypes.data % 16) // buf.itemsize  # first aligned element
+    logits = buf[base + offset : base + offset + n * c].reshape(n, c)
+    logits[...] = rng.uniform(-0.9, 0.9, (n, c)).astype(dtype)
+    label = rng.integers(0, c, n)
+    label[0] = c - 1  # a target in the last vector
+    ref = margin_ce_reference(logits, label, reduction="sum", **MARGINS)
+    tol = tolerances(dtype, 64.0)
+    loss, soft = margin_cross_entropy(
+        logits, label, group=False, reduction="sum", return_softmax=True
+    )
+    assert_close(loss, ref.loss, *tol["loss"], "loss")
+    assert_close(soft, ref.softmax, *tol["softmax"], "softmax")
+    out_buf = np.empty_like(buf)
+    out = out_buf[base + offset : base + offset + n * c].reshape(n, c)
+    loss, grad = margin_cross_entropy_and_grad(
+        logits, label, group=False, reduction="sum", out=out
+    )
+    assert_close(grad, ref.grad, *tol["grad"], "grad")
+    loss, grad = margin_cross_entropy_and_grad(
+        logits, label, group=False, reduction="sum", out=logits
+    )
+    assert_close(grad, ref.grad, *tol["grad"], "grad in place")
