@@ -108,6 +108,25 @@ def resolve_group(group: Any) -> Any | None:
     return group
 
 
+def resolve_group_agreed(group: Any) -> tuple[Any | None, Exception | None]:
+    """:func:`resolve_group` that lets a bad ``group`` be agreed on.
+
+    A process started by an MPI launcher with several ranks gets
+    ``(COMM_WORLD, TypeError)`` for a bad ``group`` instead of the
+    exception: it then reports the error through the collective, so the
+    ranks that passed COMM_WORLD (or ``None``) raise too instead of
+    waiting. A plain process gets the exception.
+    """
+    try:
+        return resolve_group(group), None
+    except TypeError as exc:
+        if launched_world_size() <= 1:
+            raise
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD, exc
+
+
 def mpi_is_cuda_aware() -> bool:
     """Whether the MPI library accepts device pointers (cached).
 
@@ -172,7 +191,11 @@ def label_checksum(label: Any, xp: Any) -> int:
 
 
 def arguments_hash(*values: Any) -> int:
-    """int64 hash of the ``repr`` of the arguments ranks must share."""
+    """int64 hash of the ``repr`` of the arguments ranks must share.
+
+    Floats are hashed with ``-0.0`` read as ``0.0`` (equal values).
+    """
+    values = tuple(v + 0.0 if isinstance(v, float) else v for v in values)
     digest = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
 

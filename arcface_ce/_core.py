@@ -160,6 +160,10 @@ class _Call:
                 f"out: expected dtype {self.logits.dtype.name}, got "
                 f"{out.dtype.name}"
             )
+        if not getattr(out.flags, "writeable", True):
+            raise ValueError(
+                "out: expected a writeable array, got a read-only one"
+            )
         if tuple(out.shape) != self.shape or not out.flags.c_contiguous:
             raise ValueError(
                 f"out: expected a C-contiguous array of shape {self.shape}, "
@@ -224,7 +228,9 @@ def _forward(
     Returns ``(call, merged, backend_state, class_start)``; raises on every
     rank if any rank found an error.
     """
-    comm = _comm.resolve_group(group)
+    comm, group_error = _comm.resolve_group_agreed(group)
+    if group_error is not None and error is None:
+        call, error = None, group_error
     if comm is None:
         if call is None:
             raise error if error is not None else RuntimeError("no call")
@@ -368,7 +374,7 @@ def _prepare(logits, label, margins, scale, reduction, group):
     try:
         return _Call(logits, label, margins, scale, reduction), None
     except Exception as exc:
-        if _comm.resolve_group(group) is None:
+        if _comm.resolve_group_agreed(group)[0] is None:
             raise
         return None, exc
 
@@ -380,7 +386,7 @@ def _guarded(call, error, group, check):
     try:
         return call, None, check()
     except Exception as exc:
-        if _comm.resolve_group(group) is None:
+        if _comm.resolve_group_agreed(group)[0] is None:
             raise
         return None, exc, None
 

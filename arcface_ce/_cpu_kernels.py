@@ -31,7 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from ._emulator import _cache_dir, _compile, _compiler, _compiler_id
+from ._emulator import (
+    _cache_dir,
+    _compile,
+    _compiler,
+    _compiler_id,
+    load_cached,
+)
 from ._kernels import kernel_dir
 
 SOURCE_FILE = "margin_ce_cpu.cpp"
@@ -73,13 +79,9 @@ def _build() -> ctypes.CDLL:
         h.update(part.encode())
         h.update(b"\0")
     path = _cache_dir(None) / f"cpu-{h.hexdigest()[:40]}.so"
-    if not path.is_file():
-        _compile(source, FLAGS, cxx, path, what="CPU kernel module")
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError:  # a truncated or foreign file: rebuild it once
-        _compile(source, FLAGS, cxx, path, what="CPU kernel module")
-        lib = ctypes.CDLL(str(path))
+    lib = load_cached(
+        path, lambda: _compile(source, FLAGS, cxx, path, "CPU kernel module")
+    )
     for name in ("f32", "f64", "f16", "bf16"):
         stats = getattr(lib, f"mce_cpu_stats_{name}")
         stats.restype = None
@@ -121,7 +123,7 @@ def library() -> ctypes.CDLL | None:
             return None
         try:
             _loaded[key] = _build()
-        except (OSError, RuntimeError) as exc:
+        except Exception as exc:  # no compiler, no cache folder, bad .so
             _why_not[key] = f"{type(exc).__name__}: {exc}"
             return None
         return _loaded[key]

@@ -140,13 +140,13 @@ def _compiler() -> str:
 def _compiler_id(cxx: str) -> str:
     """First line of ``cxx --version`` (part of the cache key)."""
     if cxx not in _COMPILER_IDS:
-        if shutil.which(cxx) is None:
+        words = shlex.split(cxx)
+        if not words or shutil.which(words[0]) is None:
             raise RuntimeError(
-                f"C++ compiler {cxx!r} not found; the CUDA emulation needs "
-                "g++ (or set CXX)"
+                f"C++ compiler {cxx!r} not found: install g++ or set CXX"
             )
         out = subprocess.run(
-            [cxx, "--version"], capture_output=True, text=True, check=False
+            [*words, "--version"], capture_output=True, text=True, check=False
         )
         lines = out.stdout.strip().splitlines()
         _COMPILER_IDS[cxx] = lines[0] if lines else cxx
@@ -243,6 +243,31 @@ def _hash_folder(h: Any, folder: Path) -> None:
                 h.update(path.read_bytes())
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_cached(path: Path, build: Any) -> ctypes.CDLL:
+    """Load the shared object ``path``, building it first unless it is the
+    one a build left there.
+
+    ``build()`` writes ``path``; a ``.sha256`` file beside it records its
+    digest. A missing, truncated or foreign file (which ``dlopen`` may
+    crash on rather than reject) fails the check and is rebuilt.
+    """
+    stamp = path.with_name(path.name + ".sha256")
+    try:
+        fresh = stamp.read_text().strip() != _digest(path)
+    except OSError:
+        fresh = True
+    if fresh:
+        build()
+        tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}")
+        tmp.write_text(_digest(path) + "\n")
+        os.replace(tmp, stamp)
+    return ctypes.CDLL(str(path))
+
+
 def _compile(
     source: str,
     flags: list[str],
@@ -257,7 +282,7 @@ def _compile(
         src = Path(tmp) / "module.cpp"
         out = Path(tmp) / "module.so"
         src.write_text(source)
-        cmd = [cxx, *flags, "-o", str(out), str(src)]
+        cmd = [*shlex.split(cxx), *flags, "-o", str(out), str(src)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(
@@ -383,14 +408,9 @@ class EmulatedModule:
             lib = _LIBRARIES.get(key)
             if lib is None:
                 path = self._cache_dir / f"emu-{key}.so"
-                if not path.is_file():
-                    _compile(source, flags, cxx, path)
-                try:
-                    lib = ctypes.CDLL(str(path))
-                except OSError:
-                    # A truncated or foreign file: rebuild it once.
-                    _compile(source, flags, cxx, path)
-                    lib = ctypes.CDLL(str(path))
+                lib = load_cached(
+                    path, lambda: _compile(source, flags, cxx, path)
+                )
                 _LIBRARIES[key] = lib
         self._lib = lib
         return lib

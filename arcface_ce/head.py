@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._comm import resolve_group
+from ._comm import resolve_group, resolve_group_agreed
 from ._core import _real
 
 __all__ = ["MarginHead", "allgather_rows", "split_classes"]
@@ -80,6 +80,26 @@ def _is_float(dtype: Any) -> bool:
 def _work_dtype(dtype: Any) -> Any:
     """float64 stays float64; every narrower float computes in float32."""
     return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+def _check_weight(weight: Any) -> Exception | None:
+    """The weight's argument error, or None (not raised here)."""
+    if not hasattr(weight, "dtype"):
+        return TypeError(
+            "weight: expected a NumPy or CuPy array, got "
+            f"{type(weight).__name__}"
+        )
+    if np.ndim(weight) != 2:
+        return ValueError(
+            f"weight: expected shape (D, C), got {np.shape(weight)}"
+        )
+    try:
+        ok = _is_float(weight.dtype)
+    except TypeError:
+        ok = False
+    if not ok:
+        return TypeError(f"weight: expected a float dtype, got {weight.dtype}")
+    return None
 
 
 def _raise_agreed(comm: Any, local: Exception | None) -> None:
@@ -331,31 +351,19 @@ class MarginHead:
         scale: float = 64.0,
         eps: float = 1e-12,
     ) -> None:
-        self.comm: Any = resolve_group(group)
         # Every check is local; under MPI the first error is raised on
         # every rank before anyone waits in a collective.
-        error: Exception | None = None
+        comm, error = resolve_group_agreed(group)
+        self.comm: Any = comm
         try:
             self.margin1 = _real("margin1", margin1)
             self.margin2 = _real("margin2", margin2)
             self.margin3 = _real("margin3", margin3)
             self.scale = _real("scale", scale, positive=True)
             self.eps = _real("eps", eps, positive=True)
-            if not hasattr(weight, "dtype"):
-                error = TypeError(
-                    "weight: expected a NumPy or CuPy array, got "
-                    f"{type(weight).__name__}"
-                )
-            elif np.ndim(weight) != 2:
-                error = ValueError(
-                    f"weight: expected shape (D, C), got {np.shape(weight)}"
-                )
-            elif not _is_float(weight.dtype):
-                error = TypeError(
-                    f"weight: expected a float dtype, got {weight.dtype}"
-                )
+            error = error or _check_weight(weight)
         except (TypeError, ValueError) as exc:
-            error = exc
+            error = error or exc
         if self.comm is None:
             if error is not None:
                 raise error
@@ -422,6 +430,7 @@ class MarginHead:
         labels: Any,
         gather: bool = True,
         reduction: str = "mean",
+        need_labels: bool = False,
     ) -> tuple[Any, Any, int, list[int]]:
         """Global features (and labels), this rank's row offset, all n_r."""
         xp = _array_module(features)
@@ -429,6 +438,10 @@ class MarginHead:
         try:
             if labels is not None and not hasattr(labels, "dtype"):
                 labels = xp.asarray(labels)
+                if labels.size == 0:  # [] is float64 to NumPy
+                    labels = labels.astype(np.int64)
+            if need_labels and labels is None:
+                raise TypeError("labels: expected an integer array, got None")
             error = self._check_batch(features, labels, reduction)
         except Exception as exc:  # any local failure must reach every rank
             error = exc
@@ -508,7 +521,7 @@ class MarginHead:
 
         xp = _array_module(features)
         feats, all_labels, offset, counts = self._gather(
-            features, labels, reduction=reduction
+            features, labels, reduction=reduction, need_labels=True
         )
         n_local = counts[self._rank]
         cos, f_hat, f_norm, w_hat, w_norm = self._cosines(feats, xp)

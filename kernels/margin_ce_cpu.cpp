@@ -157,6 +157,8 @@ inline double exp_poly(double x) {
     return y * s;
 }
 
+// Row maximum; NaN entries are skipped (they reach the sum instead, except
+// in a row with no other finite value, see stats()).
 template <typename T, typename TIn>
 T row_max(const TIn* x, int64_t c) {
     T part[kLanes];
@@ -174,6 +176,13 @@ T row_max(const TIn* x, int64_t c) {
     }
     for (int k = 0; k < kLanes; ++k) m = part[k] > m ? part[k] : m;
     return m;
+}
+
+template <typename TIn>
+bool any_nan(const TIn* x, int64_t c, int64_t skip) {
+    for (int64_t j = 0; j < c; ++j)
+        if (j != skip && to_compute(x[j]) != to_compute(x[j])) return true;
+    return false;
 }
 
 // e[0:len] = exp(clamp(scale * x - shift, floor, 0)); returns the sum.
@@ -218,9 +227,11 @@ void stats(const TIn* x, int64_t ldx, int64_t rows, int64_t c,
         }
         if (m == -INFINITY) {
             // No finite non-target logit: exactly no mass, (-inf, 0) as
-            // from a rank without columns (the clamp would invent some).
+            // from a rank without columns (the clamp would invent some);
+            // unless a NaN was skipped by the max: then a NaN row.
+            const bool nan = any_nan(xr, c, t);
             shift_out[i] = -INFINITY;
-            sum_out[i] = 0.0;
+            sum_out[i] = nan ? double(NAN) : 0.0;
             if (ex)
                 for (int64_t j = 0; j < c; ++j) ex[i * ldex + j] = T(0);
             continue;
@@ -251,8 +262,11 @@ void write_rows(const TIn* x, int64_t ldx, int64_t rows, int64_t c,
         const float off = float(offset[i]), sg = float(sign[i]);
         for (int64_t j = 0; j < c; ++j) {
             float v = to_compute(xr[j]) * scale + off;
-            v = v < floor ? floor : v;
-            o[j] = from_compute<TIn>(sg * exp_poly(v));
+            // Below the floor the value is < 1.7e-38 of the row's mass:
+            // write 0 (as the CUDA kernel's exp underflows to) rather than
+            // the clamped exponential.
+            float e = sg * exp_poly(v < floor ? floor : v);
+            o[j] = from_compute<TIn>(v < floor ? 0.f : e);
         }
         if (tcol[i] >= 0 && tcol[i] < c) o[tcol[i]] = from_compute<TIn>(0.f);
     }

@@ -12,6 +12,7 @@ exponentials would underflow, NaN.
 from __future__ import annotations
 
 import ctypes
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -394,3 +395,91 @@ def test_vector_paths(backend: str, dtype: Any, offset: int, c: int) -> None:
         logits, label, group=False, reduction="sum", out=logits
     )
     assert_close(grad, ref.grad, *tol["grad"], "grad in place")
+
+
+_USE_KERNELS = """
+import numpy as np
+from arcface_ce import _cpu_kernels
+lib = _cpu_kernels.library()
+assert lib is not None, _cpu_kernels.status()
+x = np.array([-1.0, 0.0], dtype=np.float32)
+y = np.empty_like(x)
+lib.mce_cpu_exp_f32(x.ctypes.data, y.ctypes.data, 2)
+assert abs(y[0] - np.exp(-1.0)) < 1e-6 and y[1] == 1.0, y
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_damaged_cache_file_is_rebuilt(tmp_path: Any, damage: str) -> None:
+    """A truncated or foreign file where the cached module should be
+    (dlopen can die of SIGBUS on the first) is detected and rebuilt."""
+    import _ctypes
+    import os
+    import subprocess
+    import sys
+
+    need_kernels()
+    env = {**os.environ, "ARCFACE_CE_CACHE_DIR": str(tmp_path)}
+    env.pop(_cpu_kernels.ENV, None)
+
+    def run() -> None:
+        proc = subprocess.run(
+            [sys.executable, "-c", _USE_KERNELS],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert proc.returncode == 0 and "ok" in proc.stdout, (
+            proc.returncode,
+            proc.stderr[-2000:],
+        )
+
+    run()  # builds the module into tmp_path
+    (so,) = tmp_path.glob("cpu-*.so")
+    if damage == "truncated":
+        bad = so.read_bytes()[:5000]
+    else:
+        bad = Path(_ctypes.__file__).read_bytes()
+    tmp = tmp_path / "replacement"
+    tmp.write_bytes(bad)
+    os.replace(tmp, so)  # a new file, as a crashed writer would leave
+    run()
+    assert so.read_bytes() != bad
+
+
+def test_nan_only_off_target_logits(backend: str) -> None:
+    """Off-target logits that are NaN (and -inf) only: still a NaN row
+    (the max skips NaN, the row must not pass for one without mass)."""
+    logits = np.array(
+        [[np.nan, 0.5, -np.inf], [0.1, 0.5, 0.2]], dtype=np.float32
+    )
+    label = np.array([1, 1])
+    loss, soft = margin_cross_entropy(
+        logits, label, group=False, reduction="none", return_softmax=True
+    )
+    assert np.isnan(loss[0, 0]) and np.isnan(soft[0]).all()
+    assert np.isfinite(loss[1, 0]) and np.isfinite(soft[1]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_target_gradient_at_the_poles(backend: str, dtype: Any) -> None:
+    """At x = +-1 dtarget/dx is evaluated at theta clamped to
+    [1e-6, pi - 1e-6] (documented); every backend gives that value."""
+    logits = np.array([[1.0, 0.2, -0.3], [-1.0, 0.2, -0.3]], dtype=dtype)
+    label = np.array([0, 0])
+    m1, m2 = 1.0, 0.5
+    _, grad = margin_cross_entropy_and_grad(
+        logits, label, group=False, reduction="sum", margin1=m1, margin2=m2
+    )
+    # p_t - 1 = -(sum of the other classes' softmax), without the
+    # cancellation; the slope from the clamped angle.
+    ref = margin_ce_reference(
+        logits, label, reduction="sum", margin1=m1, margin2=m2
+    )
+    others = ref.softmax[:, 1:].sum(axis=1)
+    theta = np.array([1e-6, np.pi - 1e-6])
+    slope = m1 * np.sin(m1 * theta + m2) / np.sin(theta)
+    want = -64.0 * others * slope
+    assert_close(grad[:, 0], want, 1e-5, 1e-12, "target gradient at +-1")

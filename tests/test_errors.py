@@ -238,3 +238,12 @@ def test_float16_loss_beyond_range_is_inf_without_warning() -> None:
         logits, np.array([0, 0]), group=False, scale=40_000.0, reduction="none"
     )
     assert np.isinf(loss).all()
+
+
+def test_out_read_only() -> None:
+    logits, label = inputs()
+    out = np.zeros_like(logits)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match=all_of("out:", "read-only")):
+        margin_cross_entropy_and_grad(logits, label, group=False, out=out)
+    assert (out == 0).all(), "nothing may be written before the error"

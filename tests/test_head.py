@@ -430,3 +430,16 @@ def test_bad_argument_on_one_rank_raises_everywhere(bad):
             head.forward_backward(feats.tolist() if odd else feats, labels)
     loss = head.forward_backward(feats, labels)[0]
     assert len(set(comm.allgather(float(loss)))) == 1
+
+
+@pytest.mark.mpi
+def test_missing_labels_on_one_rank_raises_everywhere():
+    comm = _world()
+    rank = comm.Get_rank()
+    feats, weight, labels = problem(14, n=4, d=6, c=2 * comm.Get_size())
+    head = MarginHead(weight[:, 2 * rank : 2 * rank + 2].copy(), group=comm)
+    odd = rank == comm.Get_size() - 1
+    with pytest.raises(TypeError, match="labels"):
+        head.forward_backward(feats, None if odd else labels)
+    loss = head.forward_backward(feats, labels)[0]
+    assert len(set(comm.allgather(float(loss)))) == 1

@@ -405,3 +405,21 @@ def test_emulated_backend(world: Any, backend: str, reduction: str) -> None:
             world, shards_for(world.size, i), n=3, dtype=dtype, seed=13 + i
         )
         check_problem(world, q, reduction)
+
+
+def test_bad_group_on_one_rank(world: Any) -> None:
+    # One rank passes group=True, the others None (COMM_WORLD, which the
+    # world fixture is): the bad rank reports through COMM_WORLD, so
+    # nobody waits.
+    p = Problem(world, shards_for(world.size, 0), seed=25)
+    group: Any = True if world.rank == 0 else None
+    with pytest.raises(TypeError, match="group:"):
+        margin_cross_entropy(p.local, p.label, group=group)
+    _next_call_works(world)
+
+
+def test_negative_zero_margin_is_the_same_argument(world: Any) -> None:
+    p = Problem(world, shards_for(world.size, 1), seed=26)
+    margin3 = -0.0 if world.rank == 0 else 0.0
+    loss = margin_cross_entropy(p.local, p.label, group=world, margin3=margin3)
+    assert_same_bits_everywhere(world, loss, "loss")
