@@ -91,7 +91,7 @@ def _build() -> ctypes.CDLL:
         write = getattr(lib, f"mce_cpu_write_{name}")
         write.restype = None
         write.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _dbl, _ptr, _ptr]
-        write.argtypes += [_dbl, _ptr, _i64]
+        write.argtypes += [_ptr, _dbl, _ptr, _i64]
     for name in ("f16", "bf16"):
         for kind in ("widen", "narrow"):
             conv = getattr(lib, f"mce_cpu_{kind}_{name}")

@@ -276,9 +276,11 @@ class NumpyBackend:
                 #    exp() nor the write pass produce subnormals (slow by
                 #    two orders of magnitude on x86); see _floor.
                 buf -= shift[:, None]
+                low = buf < floor  # 0 there, as in the compiled kernels
                 np.clip(buf, floor, 0.0, out=buf)
                 # 3. One exponential per element.
                 np.exp(buf, out=buf)
+                buf[low] = 0.0
                 # 4. The target is summed separately (merge step 3).
                 _zero_targets(buf, tcol)
                 sums = _row_sums(buf)
@@ -325,22 +327,26 @@ class NumpyBackend:
                 logits[r0:r1],
                 state,
                 r0,
-                row_a,
-                row_max,
+                _split_offset(shift, row_a, row_max),
+                np.sign(row_a),
                 scale,
             )
             return
-        # Recompute: value = sign(a) * exp(scale * x - M + log|a|) with the
-        # exponent clamped, so small results are never subnormal.
+        # Recompute: value = sign(a) * exp((scale * x - sh) + off), see
+        # _split_offset; 0 where the exponent is below the floor (so no
+        # result is subnormal, and a -inf logit gives exactly 0).
         buf = _scratch(todo.size, logits.shape[1], acc)
         np.copyto(buf, logits[r0:r1][todo], casting="unsafe")
-        with np.errstate(over="ignore"):  # huge logits: a NaN row anyway
-            buf *= acc(scale)
-        with np.errstate(divide="ignore"):
-            offset = np.log(np.abs(row_a[todo])) - row_max[todo]
-        buf += offset.astype(acc)[:, None]
-        np.clip(buf, _floor(acc, False), None, out=buf)
-        np.exp(buf, out=buf)
+        sh, off = _split_offset(shift[todo], row_a[todo], row_max[todo])
+        with np.errstate(over="ignore", invalid="ignore"):
+            buf *= acc(scale)  # huge logits: a NaN row anyway
+            buf -= sh.astype(acc)[:, None]
+            buf += off.astype(acc)[:, None]
+            floor = _floor(acc, False)
+            low = buf < floor
+            np.maximum(buf, floor, out=buf)
+            np.exp(buf, out=buf)
+        buf[low] = 0.0
         sign = np.sign(row_a[todo])
         if (sign != 1).any():
             buf *= sign.astype(acc)[:, None]
@@ -450,23 +456,39 @@ def _kernel_scale(kernel: Any, ob: np.ndarray, factor: np.ndarray) -> None:
     fn(ptr, ld, ob.shape[0], ob.shape[1], factor.ctypes.data)
 
 
+def _split_offset(
+    shift: np.ndarray, row_a: np.ndarray, row_max: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(sh, off)`` with outputs ``sign(a) exp((scale x - sh) + off)``.
+
+    ``sh`` is the row's own shift from the statistics pass and ``off =
+    log|a| - (M - sh)``: ``scale * x - sh`` is formed first, exactly as
+    in that pass (both terms may be huge, their difference is small), and
+    the small ``off`` is added after. Folding ``M`` into one offset
+    would lose the digits of ``scale * x - M`` for large logits.
+    """
+    sh = np.where(np.isfinite(shift), shift, 0.0).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        off = np.log(np.abs(row_a)) - (row_max - sh)
+    return sh, off
+
+
 def _kernel_write(
     kernel: Any,
     ob: np.ndarray,
     xb: np.ndarray,
     state: _State,
     r0: int,
-    row_a: np.ndarray,
-    row_max: np.ndarray,
+    split: tuple[np.ndarray, np.ndarray],
+    sign: np.ndarray,
     scale: float,
 ) -> None:
-    """Output rows ``sign(a) exp(scale x - M + log|a|)`` from the logits."""
+    """Output rows ``sign(a) exp((scale x - sh) + off)`` from the logits."""
     name = _cpu_kernels.suffix(ob.dtype)
     fn = getattr(kernel, f"mce_cpu_write_{name}")
-    with np.errstate(divide="ignore"):
-        offset = np.log(np.abs(row_a)) - row_max
-    offset = np.ascontiguousarray(offset, dtype=np.float64)
-    sign = np.ascontiguousarray(np.sign(row_a), dtype=np.float64)
+    shift = np.ascontiguousarray(split[0], dtype=np.float64)
+    offset = np.ascontiguousarray(split[1], dtype=np.float64)
+    sign = np.ascontiguousarray(sign, dtype=np.float64)
     tcol = np.ascontiguousarray(state.target_col[r0 : r0 + xb.shape[0]])
     x_ptr, ldx = _rows_pointer(xb)
     o_ptr, ldo = _rows_pointer(ob)
@@ -478,6 +500,7 @@ def _kernel_write(
         xb.shape[1],
         tcol.ctypes.data,
         scale,
+        shift.ctypes.data,
         offset.ctypes.data,
         sign.ctypes.data,
         floor,

@@ -18,7 +18,9 @@
 // their outputs cannot hold unnormalised exponentials, so mce_cpu_write_*
 // writes them from the logits and the per-row factors:
 //
-//   out[j] = sign * exp(max(scale * x[j] + offset, floor)),  out[t] = 0
+//   out[j] = sign * exp((scale * x[j] - shift) + offset),  out[t] = 0
+//
+// with offset = log|a| - (M - shift), 0 below the floor, inf past 88.
 //
 // The exponential is a Cody-Waite range reduction and a polynomial, written
 // so that the compiler vectorises it without -ffast-math (NaN still
@@ -190,10 +192,14 @@ template <typename T, typename TIn>
 double exp_chunk(const TIn* x, T* e, int64_t len, T scale, T shift, T floor,
                  int64_t target) {
     for (int64_t j = 0; j < len; ++j) {
-        T v = to_compute(x[j]) * scale - shift;
-        v = v < floor ? floor : v;  // NaN passes both tests unchanged
-        v = v > T(0) ? T(0) : v;
-        e[j] = exp_poly(v);
+        const T v = to_compute(x[j]) * scale - shift;
+        // Clamped to [floor, 0] for exp_poly (NaN passes both tests);
+        // below the floor the term is 0: it is < 1e-26 of the row's
+        // largest term, and a -inf (masked) logit must get exactly 0.
+        T c = v < floor ? floor : v;
+        c = c > T(0) ? T(0) : c;
+        const T ev = exp_poly(c);
+        e[j] = v < floor ? T(0) : ev;
     }
     if (target >= 0 && target < len) e[target] = T(0);
     T part[kLanes] = {};
@@ -253,20 +259,24 @@ void stats(const TIn* x, int64_t ldx, int64_t rows, int64_t c,
 
 template <typename TIn>
 void write_rows(const TIn* x, int64_t ldx, int64_t rows, int64_t c,
-                const int64_t* tcol, double scale_d, const double* offset,
-                const double* sign, double floor_d, TIn* out, int64_t ldo) {
+                const int64_t* tcol, double scale_d, const double* shift,
+                const double* offset, const double* sign, double floor_d,
+                TIn* out, int64_t ldo) {
     const float scale = float(scale_d), floor = float(floor_d);
     for (int64_t i = 0; i < rows; ++i) {
         const TIn* xr = x + i * ldx;
         TIn* o = out + i * ldo;
-        const float off = float(offset[i]), sg = float(sign[i]);
+        const float sh = float(shift[i]), off = float(offset[i]);
+        const float sg = float(sign[i]);
         for (int64_t j = 0; j < c; ++j) {
-            float v = to_compute(xr[j]) * scale + off;
-            // Below the floor the value is < 1.7e-38 of the row's mass:
-            // write 0 (as the CUDA kernel's exp underflows to) rather than
-            // the clamped exponential.
-            float e = sg * exp_poly(v < floor ? floor : v);
-            o[j] = from_compute<TIn>(v < floor ? 0.f : e);
+            // (scale x - sh) is formed first, as in the statistics pass:
+            // both terms may be large, their difference is small; the
+            // small offset is added after.
+            const float v = (to_compute(xr[j]) * scale - sh) + off;
+            // Below the floor: 0 (< 1.2e-38 of the row's mass, and exactly
+            // 0 for a -inf logit); above 88: past float's range, inf.
+            const float e = sg * exp_poly(v < floor ? floor : (v > 88.f ? 88.f : v));
+            o[j] = from_compute<TIn>(v < floor ? 0.f : (v > 88.f ? sg * INFINITY : e));
         }
         if (tcol[i] >= 0 && tcol[i] < c) o[tcol[i]] = from_compute<TIn>(0.f);
     }
@@ -320,23 +330,29 @@ void mce_cpu_stats_bf16(const bf16* x, int64_t ldx, int64_t rows,
 // (log|a| - M) and sign of a; see the header comment.
 void mce_cpu_write_f32(const float* x, int64_t ldx, int64_t rows, int64_t c,
                        const int64_t* tcol, double scale,
-                       const double* offset, const double* sign,
-                       double floor, float* out, int64_t ldo) {
-    write_rows(x, ldx, rows, c, tcol, scale, offset, sign, floor, out, ldo);
+                       const double* shift, const double* offset,
+                       const double* sign, double floor, float* out,
+                       int64_t ldo) {
+    write_rows(x, ldx, rows, c, tcol, scale, shift, offset, sign, floor, out,
+               ldo);
 }
 
 void mce_cpu_write_f16(const f16* x, int64_t ldx, int64_t rows,
                        int64_t c, const int64_t* tcol, double scale,
-                       const double* offset, const double* sign,
-                       double floor, f16* out, int64_t ldo) {
-    write_rows(x, ldx, rows, c, tcol, scale, offset, sign, floor, out, ldo);
+                       const double* shift, const double* offset,
+                       const double* sign, double floor, f16* out,
+                       int64_t ldo) {
+    write_rows(x, ldx, rows, c, tcol, scale, shift, offset, sign, floor, out,
+               ldo);
 }
 
 void mce_cpu_write_bf16(const bf16* x, int64_t ldx, int64_t rows,
                         int64_t c, const int64_t* tcol, double scale,
-                        const double* offset, const double* sign,
-                        double floor, bf16* out, int64_t ldo) {
-    write_rows(x, ldx, rows, c, tcol, scale, offset, sign, floor, out, ldo);
+                        const double* shift, const double* offset,
+                        const double* sign, double floor, bf16* out,
+                        int64_t ldo) {
+    write_rows(x, ldx, rows, c, tcol, scale, shift, offset, sign, floor, out,
+               ldo);
 }
 
 // out[i, :] *= factor[i]

@@ -483,3 +483,53 @@ def test_target_gradient_at_the_poles(backend: str, dtype: Any) -> None:
     slope = m1 * np.sin(m1 * theta + m2) / np.sin(theta)
     want = -64.0 * others * slope
     assert_close(grad[:, 0], want, 1e-5, 1e-12, "target gradient at +-1")
+
+
+@pytest.mark.parametrize(
+    "dtype", FLOAT_DTYPES, ids=[dt.name for dt in FLOAT_DTYPES]
+)
+def test_masked_class_gets_exactly_zero(backend: str, dtype: Any) -> None:
+    """A -inf logit (a masked class): softmax and gradient exactly 0 on
+    every backend, not exp(floor) times something."""
+    logits = np.array([[0.3, -np.inf, 0.1, 0.5], [-1.0, 0.2, 0.0, 0.1]])
+    logits = logits.astype(dtype)
+    label = np.array([0, 1])
+    _, soft = margin_cross_entropy(
+        logits, label, group=False, return_softmax=True
+    )
+    _, grad = margin_cross_entropy_and_grad(logits, label, group=False)
+    assert soft[0, 1] == 0 and grad[0, 1] == 0
+
+
+@pytest.mark.parametrize(
+    "dtype", FLOAT_DTYPES, ids=[dt.name for dt in FLOAT_DTYPES]
+)
+def test_infinite_upstream_gradient(backend: str, dtype: Any) -> None:
+    """grad_loss = inf: off-target entries inf (not NaN) on every path."""
+    logits = np.array([[0.3, -0.2, 0.1, 0.5], [0.2, 0.1, -0.3, 0.4]])
+    logits = logits.astype(dtype)
+    label = np.array([0, 1])
+    _, grad = margin_cross_entropy_and_grad(
+        logits, label, group=False, grad_loss=np.inf
+    )
+    off = np.ones(logits.shape, dtype=bool)
+    off[[0, 1], label] = False
+    g = grad.astype(np.float64)
+    assert (g[off] == np.inf).all(), g
+
+
+@pytest.mark.parametrize(
+    "dtype", FLOAT_DTYPES, ids=[dt.name for dt in FLOAT_DTYPES]
+)
+def test_huge_off_target_logit_gradient(backend: str, dtype: Any) -> None:
+    """A logit of 6e4 (float16's range, scaled: 3.8e6): its class takes
+    all the mass, gradient 64 there, for 16-bit outputs too (computing
+    scale * x - M in one float lost 10 % of it)."""
+    logits = np.array([[0.3, 6e4, 0.1, 0.5]]).astype(dtype)
+    label = np.array([0])
+    _, grad = margin_cross_entropy_and_grad(
+        logits, label, group=False, reduction="sum"
+    )
+    ref = margin_ce_reference(logits, label, reduction="sum", **MARGINS)
+    tol = tolerances(dtype, 64.0)
+    assert_close(grad, ref.grad, *tol["grad"], "grad")
