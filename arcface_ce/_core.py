@@ -116,7 +116,8 @@ class _Call:
             if big > np.iinfo(np.int64).max:
                 row = int(xp.argmax(label.reshape(-1) == big))
                 raise LabelError(
-                    "label: expected class ids in [0, total classes), got "
+                    "label: expected class ids in [0, total_classes) (below "
+                    "2**63 in any case), got "
                     f"{big} at row {row}"
                 )
         lead = tuple(logits.shape[:-1])
