@@ -103,7 +103,14 @@ def resolve_group(group: Any) -> Any | None:
             "group: expected None, False or an mpi4py communicator, "
             f"got {type(group).__name__}"
         )
-    if group.Get_size() == 1:
+    try:
+        size = group.Get_size()
+    except Exception as exc:  # MPI.COMM_NULL, a freed communicator
+        raise TypeError(
+            "group: expected a valid communicator, got one that fails "
+            f"Get_size() (null or freed?): {exc}"
+        ) from None
+    if size == 1:
         return None
     return group
 
@@ -114,8 +121,9 @@ def resolve_group_agreed(group: Any) -> tuple[Any | None, Exception | None]:
     A process started by an MPI launcher with several ranks gets
     ``(COMM_WORLD, TypeError)`` for a bad ``group`` instead of the
     exception: it then reports the error through the collective, so the
-    ranks that passed COMM_WORLD (or ``None``) raise too instead of
-    waiting. A plain process gets the exception.
+    ranks that passed COMM_WORLD itself (or ``None``) raise too instead of
+    waiting; ranks that passed another communicator cannot be reached.
+    A plain process gets the exception.
     """
     try:
         return resolve_group(group), None

@@ -141,6 +141,8 @@ class _Call:
         self.n = math.prod(lead)
         self.c = logits.shape[-1]
         self.logits = xp.ascontiguousarray(logits.reshape(self.n, self.c))
+        if not getattr(self.logits.flags, "aligned", True):  # frombuffer+1
+            self.logits = self.logits.copy()
         label = label.reshape(self.n)
         if label.dtype not in (np.int32, np.int64):
             label = label.astype(np.int64)
@@ -160,6 +162,11 @@ class _Call:
             raise TypeError(
                 f"out: expected dtype {self.logits.dtype.name}, got "
                 f"{out.dtype.name}"
+            )
+        if not getattr(out.flags, "aligned", True):
+            raise ValueError(
+                "out: expected an array aligned to its element size, got a "
+                "misaligned one"
             )
         if not getattr(out.flags, "writeable", True):
             raise ValueError(

@@ -45,6 +45,7 @@ ENV = "ARCFACE_CE_CPU_KERNELS"
 FLAGS = [
     "-O3",
     "-march=native",
+    "-mprefer-vector-width=512",
     "-std=c++17",
     "-fno-math-errno",
     "-shared",
@@ -75,7 +76,8 @@ def _build() -> ctypes.CDLL:
     source = (kernel_dir() / SOURCE_FILE).read_text()
     cxx = _compiler()
     h = hashlib.sha256()
-    for part in (source, " ".join(FLAGS), _compiler_id(cxx), _cpu_flags()):
+    parts = (source, " ".join(FLAGS), cxx, _compiler_id(cxx), _cpu_flags())
+    for part in parts:
         h.update(part.encode())
         h.update(b"\0")
     path = _cache_dir(None) / f"cpu-{h.hexdigest()[:40]}.so"
@@ -87,7 +89,7 @@ def _build() -> ctypes.CDLL:
         stats.restype = None
         stats.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _dbl, _dbl]
         stats.argtypes += [_ptr, _ptr, _ptr, _i64]
-    for name in ("f32", "f16", "bf16"):
+    for name in ("f32", "f64", "f16", "bf16"):
         write = getattr(lib, f"mce_cpu_write_{name}")
         write.restype = None
         write.argtypes = [_ptr, _i64, _i64, _i64, _ptr, _dbl, _ptr, _ptr]

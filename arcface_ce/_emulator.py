@@ -140,7 +140,12 @@ def _compiler() -> str:
 def _compiler_id(cxx: str) -> str:
     """First line of ``cxx --version`` (part of the cache key)."""
     if cxx not in _COMPILER_IDS:
-        words = shlex.split(cxx)
+        try:
+            words = shlex.split(cxx)
+        except ValueError as exc:
+            raise RuntimeError(
+                f"CXX={cxx!r} cannot be parsed: {exc}"
+            ) from None
         if not words or shutil.which(words[0]) is None:
             raise RuntimeError(
                 f"C++ compiler {cxx!r} not found: install g++ or set CXX"
@@ -257,8 +262,9 @@ def load_cached(path: Path, build: Any) -> ctypes.CDLL:
     """
     stamp = path.with_name(path.name + ".sha256")
     try:
-        fresh = stamp.read_text().strip() != _digest(path)
-    except OSError:
+        recorded = stamp.read_bytes().decode("ascii").strip()
+        fresh = recorded != _digest(path)
+    except (OSError, ValueError):  # missing, unreadable, not ASCII
         fresh = True
     if fresh:
         build()
@@ -388,6 +394,7 @@ class EmulatedModule:
         h = hashlib.sha256()
         h.update(source.encode())
         h.update("\0".join(flags).encode())
+        h.update(cxx.encode())  # with its arguments, e.g. "g++ -O0"
         h.update(_compiler_id(cxx).encode())
         emu = emulation_dir()
         for name in _EMU_SOURCES:

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._comm import resolve_group, resolve_group_agreed
+from ._comm import resolve_group_agreed
 from ._core import _real
 
 __all__ = ["MarginHead", "allgather_rows", "split_classes"]
@@ -203,14 +203,15 @@ def allgather_rows(x: Any, group: Any = None) -> tuple[Any, np.ndarray]:
         On every rank, when trailing shapes or dtypes differ between ranks
         or ``x`` is 0-d.
     """
-    comm = resolve_group(group)
+    comm, error = resolve_group_agreed(group)
     if comm is None:
         if np.ndim(x) == 0:
             raise ValueError("x: expected at least 1 dimension, got 0-d")
         return x, np.array([x.shape[0]], dtype=np.int64)
     xp = _array_module(x)
-    error = None
-    if np.ndim(x) == 0:
+    if error is not None:
+        host = np.zeros((0,), dtype=np.float64)
+    elif np.ndim(x) == 0:
         error = ValueError("x: expected at least 1 dimension, got 0-d")
         host = np.zeros((0,), dtype=np.float64)
     else:

@@ -113,13 +113,17 @@ __device__ __forceinline__ A clamp_cos(A v) {
 // 1. Clamp first: a cosine rounded to 1.0000001 would make acos NaN.
 // 2. Without angular margin (m1 == 1, m2 == 0) cos(acos(c)) is c; use c
 //    itself rather than round-tripping through acos and cos.
+// 3. In double whatever the logits type (once per row): in float, where
+//    cos(m1 theta + m2) is near 0 its absolute error of about ulp(theta)
+//    becomes tens of ulp of z_t; rounded once to A at the end.
 template <typename A>
-__device__ __forceinline__ A margin_target(A x, A m1, A m2, A m3, A scale) {
-  const A c = clamp_cos(x);
-  if (m1 == A(1) && m2 == A(0)) {
-    return scale * (c - m3);
+__device__ __forceinline__ A margin_target(double x, double m1, double m2,
+                                           double m3, double scale) {
+  const double c = clamp_cos(x);
+  if (m1 == 1.0 && m2 == 0.0) {
+    return A(scale * (c - m3));
   }
-  return scale * (acc_cos(m1 * acc_acos(c) + m2) - m3);
+  return A(scale * (cos(m1 * acos(c) + m2) - m3));
 }
 
 // d(cos(m1 * theta + m2)) / dx with theta = acos(c), c = clamp(x, -1, 1):
@@ -330,11 +334,12 @@ __device__ __forceinline__ void write_row_stats(
     double* stats,    // [4] float64, out
     const T* x,       // [C] T, in: the row of logits
     long long yl,     // local target column (owned iff 0 <= yl < C)
-    long long C, A m, A s, A m1, A m2, A m3, A scale) {
+    long long C, A m, A s, double m1, double m2, double m3, double scale) {
   const bool owned = yl >= 0 && yl < C;
   A target = A(0);
   if (owned) {
-    target = margin_target(to_acc(x[yl]), m1, m2, m3, scale);
+    const double xt = static_cast<double>(to_acc(x[yl]));
+    target = margin_target<A>(xt, m1, m2, m3, scale);
   }
   stats[0] = static_cast<double>(m);
   stats[1] = static_cast<double>(s);
@@ -359,7 +364,7 @@ __global__ void mce_row_stats_warp(
     double m1, double m2, double m3, double scale,
     double* __restrict__ stats) {  // [N, 4] float64, out
   typedef typename AccType<T>::type A;
-  const A a_m1 = A(m1), a_m2 = A(m2), a_m3 = A(m3), a_scale = A(scale);
+  const A a_scale = A(scale);
   const int lane = threadIdx.x % WARP_SIZE;
   const long long first =
       (long long)blockIdx.x * NUM_WARPS + threadIdx.x / WARP_SIZE;
@@ -374,8 +379,7 @@ __global__ void mce_row_stats_warp(
     fold_range(x, 0, C, yl, lane, WARP_SIZE, a_scale, m, s);
     warp_merge(m, s);
     if (lane == 0) {
-      write_row_stats(stats + row * 4, x, yl, C, m, s, a_m1, a_m2, a_m3,
-                      a_scale);
+      write_row_stats(stats + row * 4, x, yl, C, m, s, m1, m2, m3, scale);
     }
   }
 }
@@ -440,7 +444,7 @@ __global__ void mce_row_stats_combine(
     const typename AccType<T>::type* __restrict__ partials,
     double* __restrict__ stats) {  // [N, 4] float64, out
   typedef typename AccType<T>::type A;
-  const A a_m1 = A(m1), a_m2 = A(m2), a_m3 = A(m3), a_scale = A(scale);
+  const A a_scale = A(scale);
   const long long step = (long long)gridDim.x * BLOCK_SIZE;
   for (long long row = (long long)blockIdx.x * BLOCK_SIZE + threadIdx.x;
        row < N; row += step) {
@@ -451,8 +455,8 @@ __global__ void mce_row_stats_combine(
       online_merge(m, s, part[2 * chunk], part[2 * chunk + 1]);
     }
     const long long yl = (long long)label[row] - class_start;
-    write_row_stats(stats + row * 4, logits + row * C, yl, C, m, s, a_m1,
-                    a_m2, a_m3, a_scale);
+    write_row_stats(stats + row * 4, logits + row * C, yl, C, m, s, m1, m2,
+                    m3, scale);
   }
 }
 

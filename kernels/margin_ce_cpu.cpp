@@ -69,8 +69,12 @@ inline float to_compute(f16 v) {
 
 template <typename T>
 inline T from_compute(float v);
+template <typename T>
+inline T from_compute(double v);
 template <>
 inline float from_compute<float>(float v) { return v; }
+template <>
+inline double from_compute<double>(double v) { return v; }
 template <>
 inline bf16 from_compute<bf16>(float v) {
     uint32_t u = as_bits(v);
@@ -257,28 +261,30 @@ void stats(const TIn* x, int64_t ldx, int64_t rows, int64_t c,
     }
 }
 
-template <typename TIn>
+template <typename TIn, typename T = typename Compute<TIn>::type>
 void write_rows(const TIn* x, int64_t ldx, int64_t rows, int64_t c,
                 const int64_t* tcol, double scale_d, const double* shift,
                 const double* offset, const double* sign, double floor_d,
                 TIn* out, int64_t ldo) {
-    const float scale = float(scale_d), floor = float(floor_d);
+    const T scale = T(scale_d), floor = T(floor_d);
+    // exp() of more than this is past the type's range.
+    const T top = sizeof(T) == 4 ? T(88) : T(709);
     for (int64_t i = 0; i < rows; ++i) {
         const TIn* xr = x + i * ldx;
         TIn* o = out + i * ldo;
-        const float sh = float(shift[i]), off = float(offset[i]);
-        const float sg = float(sign[i]);
+        const T sh = T(shift[i]), off = T(offset[i]), sg = T(sign[i]);
         for (int64_t j = 0; j < c; ++j) {
             // (scale x - sh) is formed first, as in the statistics pass:
             // both terms may be large, their difference is small; the
             // small offset is added after.
-            const float v = (to_compute(xr[j]) * scale - sh) + off;
-            // Below the floor: 0 (< 1.2e-38 of the row's mass, and exactly
-            // 0 for a -inf logit); above 88: past float's range, inf.
-            const float e = sg * exp_poly(v < floor ? floor : (v > 88.f ? 88.f : v));
-            o[j] = from_compute<TIn>(v < floor ? 0.f : (v > 88.f ? sg * INFINITY : e));
+            const T v = (to_compute(xr[j]) * scale - sh) + off;
+            // Below the floor: 0 (the result would be subnormal, and a
+            // -inf logit gets exactly 0); above `top`: inf.
+            const T e = sg * exp_poly(v < floor ? floor : (v > top ? top : v));
+            const T r = v < floor ? T(0) : (v > top ? sg * T(INFINITY) : e);
+            o[j] = from_compute<TIn>(r);
         }
-        if (tcol[i] >= 0 && tcol[i] < c) o[tcol[i]] = from_compute<TIn>(0.f);
+        if (tcol[i] >= 0 && tcol[i] < c) o[tcol[i]] = from_compute<TIn>(T(0));
     }
 }
 
@@ -332,6 +338,15 @@ void mce_cpu_write_f32(const float* x, int64_t ldx, int64_t rows, int64_t c,
                        const int64_t* tcol, double scale,
                        const double* shift, const double* offset,
                        const double* sign, double floor, float* out,
+                       int64_t ldo) {
+    write_rows(x, ldx, rows, c, tcol, scale, shift, offset, sign, floor, out,
+               ldo);
+}
+
+void mce_cpu_write_f64(const double* x, int64_t ldx, int64_t rows,
+                       int64_t c, const int64_t* tcol, double scale,
+                       const double* shift, const double* offset,
+                       const double* sign, double floor, double* out,
                        int64_t ldo) {
     write_rows(x, ldx, rows, c, tcol, scale, shift, offset, sign, floor, out,
                ldo);

@@ -410,7 +410,7 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "stamp"])
 def test_damaged_cache_file_is_rebuilt(tmp_path: Any, damage: str) -> None:
     """A truncated or foreign file where the cached module should be
     (dlopen can die of SIGBUS on the first) is detected and rebuilt."""
@@ -438,6 +438,12 @@ def test_damaged_cache_file_is_rebuilt(tmp_path: Any, damage: str) -> None:
 
     run()  # builds the module into tmp_path
     (so,) = tmp_path.glob("cpu-*.so")
+    if damage == "stamp":  # the digest file itself is garbage
+        stamp = so.with_name(so.name + ".sha256")
+        stamp.write_bytes(b"\xff\xfe not a digest")
+        run()
+        assert stamp.read_text().strip() != "", "stamp not rewritten"
+        return
     if damage == "truncated":
         bad = so.read_bytes()[:5000]
     else:
@@ -533,3 +539,25 @@ def test_huge_off_target_logit_gradient(backend: str, dtype: Any) -> None:
     ref = margin_ce_reference(logits, label, reduction="sum", **MARGINS)
     tol = tolerances(dtype, 64.0)
     assert_close(grad, ref.grad, *tol["grad"], "grad")
+
+
+WIDE_DTYPES = [dt for dt in FLOAT_DTYPES if dt != np.float16]
+
+
+@pytest.mark.parametrize(
+    "dtype", WIDE_DTYPES, ids=[dt.name for dt in WIDE_DTYPES]
+)
+def test_tiny_upstream_gradient(backend: str, dtype: Any) -> None:
+    """grad_loss = 1e-30: the rescaling factors are too small to multiply
+    stored exponentials without subnormals, so the outputs are recomputed
+    from the logits (the kernels' write pass for every dtype that can hold
+    1e-30; float16 cannot)."""
+    logits, label = make(6, 300, dtype, seed=27)
+    _, grad = margin_cross_entropy_and_grad(
+        logits, label, group=False, reduction="sum", grad_loss=1e-30
+    )
+    ref = margin_ce_reference(
+        logits, label, reduction="sum", grad_loss=1e-30, **MARGINS
+    )
+    rtol, _ = tolerances(dtype, 64.0)["grad"]
+    assert_close(grad, ref.grad, rtol * 10, 1e-36, "grad")

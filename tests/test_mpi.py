@@ -423,3 +423,30 @@ def test_negative_zero_margin_is_the_same_argument(world: Any) -> None:
     margin3 = -0.0 if world.rank == 0 else 0.0
     loss = margin_cross_entropy(p.local, p.label, group=world, margin3=margin3)
     assert_same_bits_everywhere(world, loss, "loss")
+
+
+@pytest.mark.parametrize("kind", ["null", "freed"])
+def test_null_or_freed_communicator_on_one_rank(world: Any, kind: str) -> None:
+    from mpi4py import MPI
+
+    p = Problem(world, shards_for(world.size, 0), seed=27)
+    group: Any = None
+    if world.rank == 0:
+        if kind == "null":
+            group = MPI.COMM_NULL
+        else:
+            group = MPI.COMM_SELF.Dup()
+            group.Free()
+    with pytest.raises(TypeError, match="group:"):
+        margin_cross_entropy_and_grad(p.local, p.label, group=group)
+    _next_call_works(world)
+
+
+def test_allgather_rows_bad_group_on_one_rank(world: Any) -> None:
+    from arcface_ce.head import allgather_rows
+
+    group: Any = "world" if world.rank == world.size - 1 else None
+    with pytest.raises(TypeError, match="group:"):
+        allgather_rows(np.ones((2, 3)), group=group)
+    rows, counts = allgather_rows(np.ones((2, 3)), group=world)
+    assert counts.tolist() == [2] * world.size
