@@ -95,7 +95,14 @@ def resolve_group(group: Any) -> Any | None:
     if group is None:
         if launched_world_size() <= 1:
             return None
-        from mpi4py import MPI
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:
+            raise ImportError(
+                "group=None in a process started by an MPI launcher "
+                f"({launched_world_size()} ranks) needs mpi4py: install "
+                "arcface_ce[mpi], or pass group=False for a local loss"
+            ) from exc
 
         group = MPI.COMM_WORLD
     elif group is True or not hasattr(group, "Allgather"):
@@ -130,7 +137,10 @@ def resolve_group_agreed(group: Any) -> tuple[Any | None, Exception | None]:
     except TypeError as exc:
         if launched_world_size() <= 1:
             raise
-        from mpi4py import MPI
+        try:
+            from mpi4py import MPI
+        except ImportError:  # nobody to tell
+            raise exc from None
 
         return MPI.COMM_WORLD, exc
 

@@ -140,6 +140,8 @@ class _Call:
         self.shape = tuple(logits.shape)
         self.n = math.prod(lead)
         self.c = logits.shape[-1]
+        if not logits.dtype.isnative:  # e.g. '>f4' read from a file
+            logits = logits.astype(logits.dtype.newbyteorder("="))
         self.logits = xp.ascontiguousarray(logits.reshape(self.n, self.c))
         if not getattr(self.logits.flags, "aligned", True):  # frombuffer+1
             self.logits = self.logits.copy()
@@ -160,8 +162,8 @@ class _Call:
             )
         if out.dtype != self.logits.dtype:
             raise TypeError(
-                f"out: expected dtype {self.logits.dtype.name}, got "
-                f"{out.dtype.name}"
+                f"out: expected dtype {self.logits.dtype.str} (native byte "
+                f"order), got {out.dtype.str}"
             )
         if not getattr(out.flags, "aligned", True):
             raise ValueError(

@@ -326,8 +326,8 @@ class NumpyBackend:
                 else:
                     ob *= factor.astype(acc)[:, None]
                 return
-            for i in np.flatnonzero(ok):
-                ob[i] *= acc(factor[i])
+            keep = np.flatnonzero(ok)
+            ob[keep] *= factor[keep].astype(acc)[:, None]
             todo = np.flatnonzero(~ok)
         else:
             todo = np.arange(r1 - r0)

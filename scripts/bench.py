@@ -265,6 +265,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     ranks = world_size_from_launcher()
     tag = "single" if ranks == 1 else f"mpi{ranks}"
+    # Checked on every rank alike, before any collective or measurement.
+    if min(args.C) < ranks:
+        print(
+            f"--C: every C must be at least the number of ranks ({ranks}) "
+            f"to split the classes, got {min(args.C)}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        print(f"--out: cannot write to {args.out}: {exc}", file=sys.stderr)
+        return 2
 
     module, note = (None, "package not selected")
     if "package" in args.impls:

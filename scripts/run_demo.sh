@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_env.sh
 RANKS=${RANKS:-2}
-exec timeout -k 10 600 .venv/bin/mpiexec -n "$RANKS" \
+exec timeout --foreground -k 10 600 .venv/bin/mpiexec -n "$RANKS" \
     .venv/bin/python scripts/train_digits.py "$@"

@@ -20,6 +20,6 @@ echo "== pytest, one process"
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 ARCFACE_CE_NUM_THREADS=1
 for n in 2 3; do
     echo "== pytest -m mpi under mpiexec -n $n"
-    timeout -k 10 900 .venv/bin/mpiexec -n "$n" \
+    timeout --foreground -k 10 900 .venv/bin/mpiexec -n "$n" \
         .venv/bin/python -m pytest -m mpi -p no:cacheprovider "$@"
 done

@@ -9,13 +9,27 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 extras="mpi,test,demo,kernels,bench${1:+,$1}"
+# One setup at a time in this checkout (two commands started together).
+if command -v flock >/dev/null; then
+    exec 9>.venv.lock
+    flock 9
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.arcface_ce-installed
 want="$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16) $extras"
+# The stamp says what was installed; the import checks it is still there
+# (a damaged environment is reinstalled from scratch).
+force=()
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] &&
+    ! .venv/bin/python -c "import arcface_ce, numpy, mpi4py, pytest, sklearn" \
+        2>/dev/null; then
+    force=(--force-reinstall)
+    rm -f "$stamp"
+fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".[$extras]"
+    .venv/bin/python -m pip install --quiet "${force[@]}" -e ".[$extras]"
     echo "$want" > "$stamp"
 fi

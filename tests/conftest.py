@@ -179,6 +179,9 @@ def _plain_numpy_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test starts on the NumPy backend unless it asks otherwise."""
     monkeypatch.delenv(EMULATE_ENV, raising=False)
     monkeypatch.delenv(CPU_KERNELS_ENV, raising=False)
+    # A contributor's shell may set these (the README shows them); tests
+    # that need them set them themselves.
+    monkeypatch.delenv("ARCFACE_CE_EMU_ORDER", raising=False)
 
 
 @pytest.fixture(

@@ -96,8 +96,12 @@ def test_row_edges(backend: str, dtype: Any, n: int, c: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_many_blocks_over_threads(backend: str, dtype: Any) -> None:
-    """More rows than one kernel block holds: blocks run on the pool."""
+def test_many_blocks_over_threads(
+    backend: str, dtype: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More rows than one kernel block holds: blocks run on the pool
+    (forced even where ARCFACE_CE_NUM_THREADS=1 or one core)."""
+    monkeypatch.setenv("ARCFACE_CE_NUM_THREADS", "2")
     c = 3001
     n = 3 * KERNEL_BLOCK_BYTES // (c * np.dtype(dtype).itemsize) + 5
     logits, label = make(n, c, dtype, seed=11)
@@ -561,3 +565,15 @@ def test_tiny_upstream_gradient(backend: str, dtype: Any) -> None:
     )
     rtol, _ = tolerances(dtype, 64.0)["grad"]
     assert_close(grad, ref.grad, rtol * 10, 1e-36, "grad")
+
+
+@pytest.mark.parametrize("order", [">", "<"], ids=["big", "little"])
+@pytest.mark.parametrize("kind", ["f2", "f4", "f8"])
+def test_byte_order(backend: str, order: str, kind: str) -> None:
+    """Logits stored big-endian (from a file) give the same results."""
+    native, label = make(4, 37, np.dtype(kind), seed=28)
+    logits = native.astype(np.dtype(order + kind))
+    want = margin_cross_entropy_and_grad(native, label, group=False)
+    got = margin_cross_entropy_and_grad(logits, label, group=False)
+    assert_close(got[0], want[0], 0.0, 0.0, "loss")
+    assert_close(got[1], want[1], 0.0, 0.0, "grad")
