@@ -189,6 +189,7 @@ def _plain_numpy_backend(monkeypatch: pytest.MonkeyPatch) -> None:
         "numpy",
         "numpy-pure",
         pytest.param("emulated", marks=pytest.mark.emulated),
+        pytest.param("emulated-reverse", marks=pytest.mark.emulated),
     ]
 )
 def backend(
@@ -201,12 +202,16 @@ def backend(
     'numpy': the NumPy backend as users get it (compiled CPU kernels for
     float32/float64 where a compiler exists); 'numpy-pure': the same with
     ``ARCFACE_CE_CPU_KERNELS=0`` (ufunc code only); 'emulated': the CUDA
-    kernels run on the CPU.
+    kernels run on the CPU, their threads in forward order, and
+    'emulated-reverse' in reverse order (a race shows in one of them).
     """
     name = request.param
     if name == "numpy-pure":
         monkeypatch.setenv(CPU_KERNELS_ENV, "0")
         return name
+    if name == "emulated-reverse":
+        monkeypatch.setenv("ARCFACE_CE_EMU_ORDER", "reverse")
+        name = "emulated"
     if name == "emulated":
         reason = emulator_skip_reason()
         if reason is not None:
