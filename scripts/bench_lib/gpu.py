@@ -76,7 +76,7 @@ def run_gpu(
     rows: list[Row] = []
     for dtype_name in grid.dtypes:
         dtype = dtype_from_name(dtype_name)
-        ok = gate(impls, dtype_name, say)
+        ok = gate(impls, dtype_name, say, grid.margins)
         for n in grid.Ns:
             for c in grid.Cs:
                 need = 6 * n * c * dtype.itemsize

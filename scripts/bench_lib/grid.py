@@ -81,15 +81,22 @@ def make_timing_input(
 
 
 def gate(
-    impls: Sequence[Impl], dtype_name: str, say: Callable[[str], None]
+    impls: Sequence[Impl],
+    dtype_name: str,
+    say: Callable[[str], None],
+    margins: Margins | None = None,
 ) -> list[Impl]:
     """Check each implementation against float64; return those that pass.
 
+    The check covers fixed margin settings and ``margins`` (the run's own).
     Prints one ``check <impl> <dtype>: OK|FAILED ...`` line each.
     """
     passed = []
+    extra = () if margins is None else (margins,)
     for impl in impls:
-        res = check_implementation(*impl.check_callables(), dtype_name)
+        res = check_implementation(
+            *impl.check_callables(), dtype_name, extra=extra
+        )
         impl.release()
         word = "OK" if res.ok else "FAILED"
         say(f"check {impl.name} {dtype_name}: {word} {res.detail}")
@@ -111,7 +118,7 @@ def run_cpu(
     floor = FloorPasses()
     for dtype_name in grid.dtypes:
         dtype = dtype_from_name(dtype_name)
-        ok = gate(impls, dtype_name, say)
+        ok = gate(impls, dtype_name, say, grid.margins)
         for n in grid.Ns:
             for c in grid.Cs:
                 x, label = make_timing_input(n, c, dtype, grid.seed, grid.data)

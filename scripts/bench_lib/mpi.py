@@ -30,7 +30,7 @@ those per-call maxima.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from types import ModuleType
 from typing import Any
@@ -40,9 +40,9 @@ import numpy as np
 from .grid import Grid, make_timing_input, phases_of
 from .impls import FloorPasses, Impl, target_derivative, work_dtype
 from .reference import (
-    CHECK_MARGINS,
     CheckResult,
     Margins,
+    check_settings,
     compare,
     dtype_from_name,
     make_check_input,
@@ -214,6 +214,7 @@ def check_split(
     n: int = 7,
     c: int = 37,
     seed: int = 12345,
+    extra: Sequence[Margins] = (),
 ) -> CheckResult:
     """Check a model-parallel implementation against the float64 reference.
 
@@ -234,8 +235,8 @@ def check_split(
     x = x64.astype(dtype)
     fwd, fwd_grad = impl.check_callables()
     detail = "nothing checked"
-    for m1, m2, m3, s in CHECK_MARGINS:
-        m = Margins(m1, m2, m3, s)
+    for m in check_settings(extra):
+        m1, m2, m3, s = m.margin1, m.margin2, m.margin3, m.scale
         ref_loss, ref_grad = reference_loss_and_grad(x, label, m)
         tag = f"m=({m1},{m2},{m3}) s={s}"
         for name, fn in (("fwd", fwd), ("fwd+grad", fwd_grad)):
@@ -310,7 +311,7 @@ def run_mpi(
         dtype = dtype_from_name(dtype_name)
         ok_impls = []
         for impl in impls:
-            res = check_split(impl, world, dtype_name)
+            res = check_split(impl, world, dtype_name, extra=(m,))
             word = "OK" if res.ok else "FAILED"
             root_say(
                 f"check {impl.name} {dtype_name} (mpi): {word} {res.detail}"

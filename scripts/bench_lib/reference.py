@@ -18,7 +18,7 @@ with p the softmax of z and g_i = 1 / N for the mean reduction.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,15 @@ CHECK_MARGINS = (
     (1.0, 0.5, 0.0, 64.0),
     (1.2, 0.3, 0.1, 32.0),
 )
+
+
+def check_settings(extra: Sequence[Margins] = ()) -> list[Margins]:
+    """:data:`CHECK_MARGINS` and the run's own settings, without repeats."""
+    out = [Margins(*t) for t in CHECK_MARGINS]
+    for m in extra:
+        if m not in out:
+            out.append(m)
+    return out
 
 
 @dataclass(frozen=True)
@@ -195,6 +204,7 @@ def check_implementation(
     n: int = 7,
     c: int = 37,
     seed: int = 12345,
+    extra: Sequence[Margins] = (),
 ) -> CheckResult:
     """Run an implementation on small inputs and compare with float64.
 
@@ -219,8 +229,8 @@ def check_implementation(
     x64, label = make_check_input(n, c, seed)
     x = x64.astype(dtype)
     worst: dict[str, float | None] = {"loss_err": 0.0, "grad_err": None}
-    for m1, m2, m3, s in CHECK_MARGINS:
-        m = Margins(m1, m2, m3, s)
+    for m in check_settings(extra):
+        m1, m2, m3, s = m.margin1, m.margin2, m.margin3, m.scale
         ref_loss, ref_grad = reference_loss_and_grad(x, label, m)
         tag = f"m=({m1},{m2},{m3}) s={s}"
         for name, fn in (("fwd", forward), ("fwd+grad", forward_grad)):
