@@ -330,6 +330,35 @@ def _local_stats(call: _Call, out: Any, grad_rows: Any) -> tuple[Any, Any]:
     )
 
 
+def _write_pass(
+    call: _Call,
+    merged: MergedStats,
+    state: Any,
+    start: int,
+    out: Any,
+    grad_rows: Any,
+) -> None:
+    """Step 3: the softmax (``grad_rows`` None) or the gradient into out."""
+    if not call.n:
+        return
+    row_a, row_t = write_factors(merged, call.scale, grad_rows, call.xp)
+    _backend(call.xp).write(
+        out,
+        call.logits,
+        call.label,
+        start,
+        merged.shift,
+        row_a,
+        row_t,
+        grad_rows is not None,
+        call.m1,
+        call.m2,
+        call.m3,
+        call.scale,
+        state,
+    )
+
+
 def _check_label_range(call: _Call, total: int) -> None:
     """Local range check, so the failing rank's own value is reported."""
     if call.n == 0:
@@ -488,23 +517,7 @@ def margin_cross_entropy(
     loss = _reduce(call, merged.loss)
     if out is None:
         return loss
-    if call.n:
-        row_a, row_t = write_factors(merged, call.scale, None, call.xp)
-        _backend(call.xp).write(
-            out,
-            call.logits,
-            call.label,
-            start,
-            merged.shift,
-            row_a,
-            row_t,
-            False,
-            call.m1,
-            call.m2,
-            call.m3,
-            call.scale,
-            state,
-        )
+    _write_pass(call, merged, state, start, out, None)
     return loss, out.reshape(call.shape)
 
 
@@ -574,23 +587,7 @@ def margin_cross_entropy_and_grad(
     grad_rows, out = checked if checked is not None else (None, None)
     call, merged, state, start = _forward(call, error, group, out, grad_rows)
     loss = _reduce(call, merged.loss)
-    if call.n:
-        row_a, row_t = write_factors(merged, call.scale, grad_rows, call.xp)
-        _backend(call.xp).write(
-            out,
-            call.logits,
-            call.label,
-            start,
-            merged.shift,
-            row_a,
-            row_t,
-            True,
-            call.m1,
-            call.m2,
-            call.m3,
-            call.scale,
-            state,
-        )
+    _write_pass(call, merged, state, start, out, grad_rows)
     if user_out is not None:
         return loss, user_out
     return loss, out.reshape(call.shape)

@@ -300,86 +300,44 @@ void scale_rows(T* out, int64_t ld, int64_t rows, int64_t c,
 
 }  // namespace
 
+// The exported functions, one set per logits type T (name suffix S); E is
+// the type the exponentials are kept in (the compute type).
+//
+// mce_cpu_stats_S: row statistics of `rows` rows of x (row stride ldx
+// elements, c columns); tcol[i] is row i's local target column or -1; ex
+// (row stride ldex) may be null, otherwise it receives the exponentials.
+// mce_cpu_write_S: output rows from the logits, the row's own shift, the
+// offset log|a| - (M - shift) and the sign of a (see the header comment).
+// mce_cpu_scale_S: out[i, :] *= factor[i].
+#define MCE_EXPORT_STATS_WRITE(S, T, E)                                     \
+    void mce_cpu_stats_##S(const T* x, int64_t ldx, int64_t rows,           \
+                           int64_t c, const int64_t* tcol, double scale,    \
+                           double floor, double* shift, double* sum, E* ex, \
+                           int64_t ldex) {                                  \
+        stats(x, ldx, rows, c, tcol, scale, floor, shift, sum, ex, ldex);   \
+    }                                                                       \
+    void mce_cpu_write_##S(const T* x, int64_t ldx, int64_t rows,           \
+                           int64_t c, const int64_t* tcol, double scale,    \
+                           const double* shift, const double* offset,       \
+                           const double* sign, double floor, T* out,        \
+                           int64_t ldo) {                                   \
+        write_rows(x, ldx, rows, c, tcol, scale, shift, offset, sign,       \
+                   floor, out, ldo);                                        \
+    }
+#define MCE_EXPORT_SCALE(S, T)                                              \
+    void mce_cpu_scale_##S(T* out, int64_t ld, int64_t rows, int64_t c,     \
+                           const double* factor) {                          \
+        scale_rows(out, ld, rows, c, factor);                               \
+    }
+
 extern "C" {
 
-// Row statistics of `rows` rows of x (row stride ldx elements, c columns);
-// tcol[i] is row i's local target column or -1. ex (row stride ldex) may
-// be null; otherwise it receives the exponentials.
-void mce_cpu_stats_f32(const float* x, int64_t ldx, int64_t rows, int64_t c,
-                       const int64_t* tcol, double scale, double floor,
-                       double* shift, double* sum, float* ex, int64_t ldex) {
-    stats(x, ldx, rows, c, tcol, scale, floor, shift, sum, ex, ldex);
-}
-
-void mce_cpu_stats_f64(const double* x, int64_t ldx, int64_t rows,
-                       int64_t c, const int64_t* tcol, double scale,
-                       double floor, double* shift, double* sum, double* ex,
-                       int64_t ldex) {
-    stats(x, ldx, rows, c, tcol, scale, floor, shift, sum, ex, ldex);
-}
-
-void mce_cpu_stats_f16(const f16* x, int64_t ldx, int64_t rows,
-                       int64_t c, const int64_t* tcol, double scale,
-                       double floor, double* shift, double* sum, float* ex,
-                       int64_t ldex) {
-    stats(x, ldx, rows, c, tcol, scale, floor, shift, sum, ex, ldex);
-}
-
-void mce_cpu_stats_bf16(const bf16* x, int64_t ldx, int64_t rows,
-                        int64_t c, const int64_t* tcol, double scale,
-                        double floor, double* shift, double* sum, float* ex,
-                        int64_t ldex) {
-    stats(x, ldx, rows, c, tcol, scale, floor, shift, sum, ex, ldex);
-}
-
-// Output rows of 16-bit (or float32) logits from the per-row offset
-// (log|a| - M) and sign of a; see the header comment.
-void mce_cpu_write_f32(const float* x, int64_t ldx, int64_t rows, int64_t c,
-                       const int64_t* tcol, double scale,
-                       const double* shift, const double* offset,
-                       const double* sign, double floor, float* out,
-                       int64_t ldo) {
-    write_rows(x, ldx, rows, c, tcol, scale, shift, offset, sign, floor, out,
-               ldo);
-}
-
-void mce_cpu_write_f64(const double* x, int64_t ldx, int64_t rows,
-                       int64_t c, const int64_t* tcol, double scale,
-                       const double* shift, const double* offset,
-                       const double* sign, double floor, double* out,
-                       int64_t ldo) {
-    write_rows(x, ldx, rows, c, tcol, scale, shift, offset, sign, floor, out,
-               ldo);
-}
-
-void mce_cpu_write_f16(const f16* x, int64_t ldx, int64_t rows,
-                       int64_t c, const int64_t* tcol, double scale,
-                       const double* shift, const double* offset,
-                       const double* sign, double floor, f16* out,
-                       int64_t ldo) {
-    write_rows(x, ldx, rows, c, tcol, scale, shift, offset, sign, floor, out,
-               ldo);
-}
-
-void mce_cpu_write_bf16(const bf16* x, int64_t ldx, int64_t rows,
-                        int64_t c, const int64_t* tcol, double scale,
-                        const double* shift, const double* offset,
-                        const double* sign, double floor, bf16* out,
-                        int64_t ldo) {
-    write_rows(x, ldx, rows, c, tcol, scale, shift, offset, sign, floor, out,
-               ldo);
-}
-
-// out[i, :] *= factor[i]
-void mce_cpu_scale_f32(float* out, int64_t ld, int64_t rows, int64_t c,
-                       const double* factor) {
-    scale_rows(out, ld, rows, c, factor);
-}
-
-void mce_cpu_scale_f64(double* out, int64_t ld, int64_t rows, int64_t c,
-                       const double* factor) {
-    scale_rows(out, ld, rows, c, factor);
-}
+MCE_EXPORT_STATS_WRITE(f32, float, float)
+MCE_EXPORT_STATS_WRITE(f64, double, double)
+MCE_EXPORT_STATS_WRITE(f16, f16, float)
+MCE_EXPORT_STATS_WRITE(bf16, bf16, float)
+MCE_EXPORT_SCALE(f32, float)
+MCE_EXPORT_SCALE(f64, double)
 
 // Exponential of the kernels, for tests of its accuracy.
 void mce_cpu_exp_f32(const float* x, float* y, int64_t n) {

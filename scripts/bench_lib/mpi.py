@@ -236,9 +236,8 @@ def check_split(
     fwd, fwd_grad = impl.check_callables()
     detail = "nothing checked"
     for m in check_settings(extra):
-        m1, m2, m3, s = m.margin1, m.margin2, m.margin3, m.scale
         ref_loss, ref_grad = reference_loss_and_grad(x, label, m)
-        tag = f"m=({m1},{m2},{m3}) s={s}"
+        tag = m.tag()
         for name, fn in (("fwd", fwd), ("fwd+grad", fwd_grad)):
             if fn is None:
                 continue

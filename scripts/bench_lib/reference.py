@@ -61,6 +61,12 @@ class Margins:
     margin3: float = 0.0
     scale: float = 64.0
 
+    def tag(self) -> str:
+        """Short text of the setting, e.g. ``m=(1.0,0.5,0.0) s=64.0``."""
+        return (
+            f"m=({self.margin1},{self.margin2},{self.margin3}) s={self.scale}"
+        )
+
     def as_kwargs(self) -> dict[str, float]:
         """Return the parameters as keyword arguments of the API."""
         return {
@@ -230,9 +236,8 @@ def check_implementation(
     x = x64.astype(dtype)
     worst: dict[str, float | None] = {"loss_err": 0.0, "grad_err": None}
     for m in check_settings(extra):
-        m1, m2, m3, s = m.margin1, m.margin2, m.margin3, m.scale
         ref_loss, ref_grad = reference_loss_and_grad(x, label, m)
-        tag = f"m=({m1},{m2},{m3}) s={s}"
+        tag = m.tag()
         for name, fn in (("fwd", forward), ("fwd+grad", forward_grad)):
             if fn is None:
                 continue
