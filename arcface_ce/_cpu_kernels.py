@@ -38,7 +38,7 @@ from ._emulator import (
     _compiler_id,
     load_cached,
 )
-from ._kernels import kernel_dir
+from ._kernels import CACHE_ENV, kernel_dir
 
 SOURCE_FILE = "margin_ce_cpu.cpp"
 ENV = "ARCFACE_CE_CPU_KERNELS"
@@ -117,7 +117,7 @@ def library() -> ctypes.CDLL | None:
     """
     if os.environ.get(ENV, "1") == "0":
         return None
-    key = os.environ.get("ARCFACE_CE_CACHE_DIR", "")
+    key = os.environ.get(CACHE_ENV, "")
     with _lock:
         if key in _loaded:
             return _loaded[key]
@@ -137,7 +137,7 @@ def status() -> str:
         return f"pure NumPy ({ENV}=0)"
     if library() is not None:
         return "compiled CPU kernels (" + " ".join(FLAGS[:2]) + ")"
-    key = os.environ.get("ARCFACE_CE_CACHE_DIR", "")
+    key = os.environ.get(CACHE_ENV, "")
     return "pure NumPy (CPU kernels unavailable: " + _why_not[key] + ")"
 
 

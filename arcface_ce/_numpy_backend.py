@@ -199,7 +199,6 @@ class NumpyBackend:
         # pass and are rescaled (10 % faster than recomputing them from
         # the logits with the compiled kernels, measured); see _floor for
         # what that costs in the smallest entries.
-        kernel = _kernel_for(logits, out) if c else None
         fused = out is not None and out.dtype == acc
         target_col = np.full(n, -1, dtype=np.int64)
         target_col[rows] = cols
@@ -225,7 +224,7 @@ class NumpyBackend:
                     out, logits, r0, r1, state, shift, row_max, row_a, scale
                 )
 
-        state.kernel = kernel
+        state.kernel = _kernel_for(logits, out)
         if state.kernel is not None:
             name = _cpu_kernels.suffix(logits.dtype)
             fn = getattr(state.kernel, f"mce_cpu_stats_{name}")
@@ -234,6 +233,9 @@ class NumpyBackend:
             shift_all = np.empty(n)
             sum_all = np.empty(n)
             isz = logits.itemsize
+            # Addresses once per call, not per block (int64/float64: 8 B).
+            t_ptr = target_col.ctypes.data
+            sh_ptr, sum_ptr = shift_all.ctypes.data, sum_all.ctypes.data
 
             def block(r0: int, r1: int) -> None:
                 fn(
@@ -241,11 +243,11 @@ class NumpyBackend:
                     ldx,
                     r1 - r0,
                     c,
-                    target_col.ctypes.data + 8 * r0,
+                    t_ptr + 8 * r0,
                     scale,
                     floor,
-                    shift_all.ctypes.data + 8 * r0,
-                    sum_all.ctypes.data + 8 * r0,
+                    sh_ptr + 8 * r0,
+                    sum_ptr + 8 * r0,
                     ex_ptr + r0 * ldex * isz if fused else None,
                     ldex,
                 )
